@@ -1,0 +1,1 @@
+"""dsv4's command line: composes `ingest` (packing) and `engine` (inference)."""

@@ -1,0 +1,1 @@
+"""One module per command; each registers itself on the root app in `dsv4cli.app`."""

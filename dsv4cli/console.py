@@ -1,0 +1,30 @@
+"""Terminal output policy: the payload goes to stdout, everything else to stderr.
+
+Rich's Console already honours NO_COLOR, FORCE_COLOR and TERM=dumb and only colours a
+terminal; these helpers make sure nobody builds a console that writes chatter to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from rich.console import Console
+
+
+@functools.lru_cache(maxsize=1)
+def _stderr_console(stream_id: int) -> Console:
+    return Console(file=sys.stderr, stderr=True, highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    """The console for progress, stats and warnings (stderr)."""
+    return _stderr_console(id(sys.stderr))
+
+
+def warn(message: str) -> None:
+    err().print(f"[yellow]warning:[/yellow] {message}", markup=True)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

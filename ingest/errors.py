@@ -1,0 +1,19 @@
+"""Typed errors the ingest layer raises; the CLI turns each into a one-line message."""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """Base class. `hint` says what the user can do about it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class SourceNotFound(IngestError):
+    pass
+
+
+class NotAGitRepository(IngestError):
+    pass
