@@ -17,3 +17,11 @@ class SourceNotFound(IngestError):
 
 class NotAGitRepository(IngestError):
     pass
+
+
+class ConversionError(IngestError):
+    """A document (PDF, HTML, man page) could not be turned into text; the file is listed."""
+
+
+class SourcePermissionDenied(IngestError):
+    pass
