@@ -1,0 +1,515 @@
+"""The model's tokenizer as a tiktoken Encoding built from the checkpoint's own vocabulary.
+
+Byte-level BPE vocabularies (GGUF `gpt2` model, Hugging Face ByteLevel) store each token as
+GPT-2's printable-unicode spelling of its bytes. tiktoken wants bytes -> rank and applies the
+merge whose result has the lowest rank. When token ids rise in merge order (checked below),
+rank = id reproduces the BPE merge order exactly, so the Encoding gives the same ids as the
+reference tokenizer, 4-10x faster. No torch here: `dsv4 pack` counts tokens with this module.
+
+Policy: text passed to `encode`/`count` is plain text. Special-token strings inside it
+("<|im_end|>" in a file) are encoded as ordinary text, never as control tokens; only the
+chat template's own structure produces control tokens (`render_chat`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+from engine.errors import ModelFormatError
+
+# Bump when the derived table's meaning changes, so stale cache entries are ignored.
+_CACHE_FORMAT = 1
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# GPT-2's split pattern, closed with `\s+` as tiktoken's r50k pattern is.
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# llama.cpp splits single digits first, then GPT-2's pattern; in one regex that is a leading
+# `\p{N}` branch, plus `\s+(?=\p{N})` so a whitespace run before a digit stays whole (the digit
+# split happened before the whitespace rule saw it).
+DIGITS_PAT_STR = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+
+# tokenizer.ggml.pre values, grouped as llama.cpp groups them by regex.
+_PRE_PATTERNS: dict[str, str] = {
+    **{name: DIGITS_PAT_STR for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")},
+    **{name: GPT2_PAT_STR for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais")},
+}
+
+# Control tokens that end a turn in common chat formats (llama.cpp treats these as end-of-generation).
+_END_OF_TURN_NAMES = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<|end▁of▁sentence|>",
+)
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used to spell byte-level BPE tokens."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_latin1_translation() -> dict[int, int]:
+    # str.translate to latin-1 code points, then .encode("latin-1") gives the bytes: one C call per token.
+    return {ord(ch): b for b, ch in bytes_to_unicode().items()}
+
+
+def token_text_to_bytes(text: str) -> bytes | None:
+    """Bytes of a byte-level BPE token spelling; None when it is not a valid spelling."""
+    mapped = text.translate(_unicode_to_latin1_translation())
+    try:
+        return mapped.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def pattern_for_pre(pre: str | None) -> str:
+    if pre is None or pre == "default":
+        raise ModelFormatError(
+            "the GGUF does not name its pre-tokenizer (tokenizer.ggml.pre), so its split rule is unknown",
+            "re-convert the model with a current llama.cpp",
+        )
+    pattern = _PRE_PATTERNS.get(pre)
+    if pattern is None:
+        supported = ", ".join(sorted(_PRE_PATTERNS))
+        raise ModelFormatError(f"unsupported pre-tokenizer {pre!r}", f"supported: {supported}")
+    return pattern
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The derived tokenizer: what the disk cache stores."""
+
+    pat_str: str
+    id_bytes: list[bytes]  # every id's bytes; a special's bytes are its UTF-8 text
+    special_tokens: dict[str, int]
+    non_rank_ids: list[int]  # ids not in the BPE rank table (specials, unused, unreachable)
+    extra_bytes: list[int]  # single bytes missing from the vocabulary, ranked after it
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        skip = set(self.non_rank_ids)
+        ranks = {token: i for i, token in enumerate(self.id_bytes) if i not in skip}
+        n = len(self.id_bytes)
+        for k, byte in enumerate(self.extra_bytes):
+            ranks[bytes([byte])] = n + k
+        return ranks
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _CACHE_FORMAT,
+            "pat_str": self.pat_str,
+            "id_bytes": [b.decode("latin-1") for b in self.id_bytes],
+            "special_tokens": self.special_tokens,
+            "non_rank_ids": self.non_rank_ids,
+            "extra_bytes": self.extra_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Table:
+        if data.get("format") != _CACHE_FORMAT:
+            raise ValueError("stale tokenizer cache format")
+        return cls(
+            pat_str=data["pat_str"],
+            id_bytes=[s.encode("latin-1") for s in data["id_bytes"]],
+            special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
+            non_rank_ids=[int(i) for i in data["non_rank_ids"]],
+            extra_bytes=[int(b) for b in data["extra_bytes"]],
+        )
+
+
+def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], merges: Sequence[str], pat_str: str) -> _Table:
+    """Derive tiktoken's rank table from a byte-level BPE vocabulary; rank = token id.
+
+    Raises ModelFormatError when rank = id would not reproduce the merge order.
+    """
+    id_bytes: list[bytes] = []
+    special_tokens: dict[str, int] = {}
+    non_rank_ids: list[int] = []
+    seen: dict[bytes, int] = {}
+    for token_id, (text, kind) in enumerate(zip(tokens, token_types)):
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+            special_tokens[text] = token_id
+            non_rank_ids.append(token_id)
+            id_bytes.append(text.encode("utf-8"))
+            continue
+        raw = token_text_to_bytes(text)
+        if kind in (TOKEN_UNKNOWN, TOKEN_UNUSED) or raw is None or raw in seen:
+            # Not reachable by byte-level BPE; decodes as its text so generation never fails on it.
+            non_rank_ids.append(token_id)
+            id_bytes.append(raw if raw is not None else text.encode("utf-8"))
+            continue
+        seen[raw] = token_id
+        id_bytes.append(raw)
+
+    _check_merge_order(tokens, merges, seen, special_tokens)
+    # Tokens longer than one byte that no merge produces are unreachable for the reference BPE;
+    # tiktoken would reach them by concatenation, so they leave the rank table.
+    produced = _merge_results(merges)
+    for raw, token_id in list(seen.items()):
+        if len(raw) > 1 and tokens[token_id] not in produced:
+            non_rank_ids.append(token_id)
+            del seen[raw]
+    extra = [b for b in range(256) if bytes([b]) not in seen]
+    return _Table(pat_str, id_bytes, special_tokens, sorted(non_rank_ids), extra)
+
+
+def _merge_results(merges: Sequence[str]) -> set[str]:
+    results = set()
+    for merge in merges:
+        left, _, right = merge.partition(" ")
+        results.add(left + right)
+    return results
+
+
+def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], seen: dict[bytes, int], specials: dict[str, int]) -> None:
+    ids = {text: i for i, text in enumerate(tokens)}
+    previous = -1
+    for index, merge in enumerate(merges):
+        left, space, right = merge.partition(" ")
+        if not space or not left or not right:
+            raise ModelFormatError(f"merge #{index} {merge!r} is not two tokens separated by a space", "the tokenizer data is damaged")
+        merged = left + right
+        merged_id = ids.get(merged)
+        if merged_id is None or left not in ids or right not in ids or merged in specials:
+            raise ModelFormatError(
+                f"merge #{index} {merge!r} does not produce a vocabulary token",
+                "this byte-level BPE vocabulary cannot be used with tiktoken ranks",
+            )
+        if merged_id <= previous:
+            raise ModelFormatError(
+                f"token ids do not rise in merge order (merge #{index} {merge!r} gives id {merged_id} after id {previous})",
+                "rank = id would change the tokenization; this vocabulary needs a rank remap that dsv4 does not do",
+            )
+        previous = merged_id
+
+
+class Tokenizer:
+    """Encode/decode/count with a model's own vocabulary; build with from_gguf or from_hf_dir."""
+
+    def __init__(
+        self,
+        table: _Table,
+        *,
+        name: str,
+        digest: str,
+        vocab_size: int,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+    ):
+        self.name = name
+        self.digest = digest
+        self.vocab_size = vocab_size
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.unk_id = unk_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.special_tokens: dict[str, int] = dict(table.special_tokens)
+        self._table = table
+        self._id_bytes = table.id_bytes
+        self._encoding = tiktoken.Encoding(
+            name=f"{name}-{digest[:12]}",
+            pat_str=table.pat_str,
+            mergeable_ranks=table.mergeable_ranks(),
+            special_tokens=table.special_tokens,
+        )
+        self._has_extra_bytes = bool(table.extra_bytes)
+        stop = {i for i in (eos_id, *extra_stop_ids) if i is not None}
+        template = chat_template or ""
+        for text in _END_OF_TURN_NAMES:
+            token_id = self.special_tokens.get(text)
+            if token_id is not None and (text in template or token_id == eos_id or text == "<|endoftext|>"):
+                stop.add(token_id)
+        self.stop_ids: frozenset[int] = frozenset(stop)
+        self._template: Any = None
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer a GGUF file carries (rank table cached on disk, memoised per process)."""
+        path = Path(path)
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ModelFormatError(f"cannot read {path}: {exc.strerror}", "check the model path") from exc
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with _memo_lock:
+            cached = _file_memo.get(key)
+        if cached is not None:
+            return cached
+
+        from engine.gguf_file import GGUFFile
+
+        gguf_file = GGUFFile(path)
+        meta = gguf_file.metadata
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ModelFormatError(
+                f"{path.name}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')",
+                "use a model with a byte-level BPE tokenizer",
+            )
+        digest = gguf_file.tokenizer_digest()
+        pre = meta.get("tokenizer.ggml.pre")
+
+        def derive() -> _Table:
+            spec = gguf_file.tokenizer_spec()
+            return build_byte_level_table(spec.tokens, spec.token_types, spec.merges, pattern_for_pre(pre))
+
+        table = _load_or_build_table(digest, derive)
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(key)
+            return int(value) if value is not None else None
+
+        tokenizer = cls(
+            table,
+            name=_tokenizer_name(gguf_file),
+            digest=digest,
+            vocab_size=len(table.id_bytes),
+            bos_id=token_id("tokenizer.ggml.bos_token_id"),
+            eos_id=token_id("tokenizer.ggml.eos_token_id"),
+            pad_id=token_id("tokenizer.ggml.padding_token_id"),
+            unk_id=token_id("tokenizer.ggml.unknown_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+            extra_stop_ids=[i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None],
+        )
+        with _memo_lock:
+            _file_memo[key] = tokenizer
+        return tokenizer
+
+    @classmethod
+    def from_hf_dir(cls, directory: str | Path) -> Tokenizer:
+        """A Hugging Face `tokenizer.json` (byte-level BPE) directory."""
+        from engine.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(cls, Path(directory))
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text: special-token strings inside it stay text."""
+        return self._drop_missing_bytes(self._encoding.encode_ordinary(text))
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[list[int]]:
+        batches = self._encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        return [self._drop_missing_bytes(ids) for ids in batches]
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def count_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[int]:
+        return [len(ids) for ids in self.encode_batch(texts, num_threads=num_threads)]
+
+    def _drop_missing_bytes(self, ids: list[int]) -> list[int]:
+        # Bytes the vocabulary lacks got ranks past its end; like llama.cpp, leave them out.
+        if self._has_extra_bytes and ids and max(ids) >= self.vocab_size:
+            limit = self.vocab_size
+            return [i for i in ids if i < limit]
+        return ids
+
+    def encode_special(self, name: str) -> int:
+        token_id = self.special_tokens.get(name)
+        if token_id is None:
+            raise KeyError(f"{name!r} is not a special token of {self.name}")
+        return token_id
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"token id {token_id} is outside the vocabulary of {self.vocab_size}")
+        return self._id_bytes[token_id]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._id_bytes
+        return b"".join([table[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    @property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
+
+    # ---- chat -----------------------------------------------------------------------------
+
+    def _chat_template(self) -> Any:
+        if self._template is None:
+            from engine.chat_template import ChatTemplate
+
+            if not self.chat_template:
+                raise ModelFormatError(f"{self.name} has no chat template", "use a chat (instruct) model")
+            self._template = ChatTemplate(
+                self.chat_template,
+                bos_token=self._token_text(self.bos_id),
+                eos_token=self._token_text(self.eos_id),
+            )
+        return self._template
+
+    def _token_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self._id_bytes[token_id].decode("utf-8", errors="replace")
+
+    def render_chat_text(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The chat template's output as text (display and debugging)."""
+        return self._chat_template().render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Token ids of a chat prompt: control tokens only where the template itself puts them."""
+        pieces = self._chat_template().render_pieces(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        specials = self.special_tokens
+        splitter = _special_splitter(tuple(sorted(specials, key=len, reverse=True)))
+        # Flatten to plain-text runs and control ids; adjacent text (structure + content) is
+        # encoded as one run so the split rule sees the same text llama.cpp would.
+        ids: list[int] = []
+        run: list[str] = []
+
+        def flush() -> None:
+            if run:
+                ids.extend(self.encode("".join(run)))
+                run.clear()
+
+        for is_content, text in pieces:
+            if is_content or splitter is None:
+                run.append(text)
+                continue
+            for part in splitter.split(text):
+                if not part:
+                    continue
+                token_id = specials.get(part)
+                if token_id is None:
+                    run.append(part)
+                else:
+                    flush()
+                    ids.append(token_id)
+        flush()
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+
+@lru_cache(maxsize=8)
+def _special_splitter(names: tuple[str, ...]) -> Any:
+    if not names:
+        return None
+    import re
+
+    return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+
+
+def _tokenizer_name(gguf_file: Any) -> str:
+    meta = gguf_file.metadata
+    if meta.get("general.basename"):
+        from engine.gguf_file import _slug
+
+        return _slug("-".join(str(p) for p in (meta.get("general.basename"), meta.get("general.size_label")) if p))
+    return gguf_file.model_name()
+
+
+# ---- cache -------------------------------------------------------------------------------
+
+_memo_lock = threading.Lock()
+_file_memo: dict[tuple[str, int, int], Tokenizer] = {}
+_table_memo: dict[str, _Table] = {}
+
+
+def _cache_path(digest: str) -> Path:
+    from engine.paths import cache_dir
+
+    return cache_dir() / "tokenizers" / f"{digest}.json"
+
+
+def _load_or_build_table(digest: str, derive: Any) -> _Table:
+    """Process memo, then the disk cache, then derive (and write the cache atomically)."""
+    key = f"{_CACHE_FORMAT}:{digest}"
+    with _memo_lock:
+        table = _table_memo.get(key)
+    if table is not None:
+        return table
+    path = _cache_path(digest)
+    table = _read_cached_table(path)
+    if table is None:
+        table = derive()
+        _write_cached_table(path, table)
+    with _memo_lock:
+        _table_memo[key] = table
+    return table
+
+
+def _read_cached_table(path: Path) -> _Table | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _Table.from_json(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged or stale: rebuild and overwrite
+
+
+def _write_cached_table(path: Path, table: _Table) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tok-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(table.to_json(), f, ensure_ascii=True, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass  # a read-only home only costs speed next time
+
+
+def clear_memo() -> None:
+    """Forget tokenizers built in this process (tests use it to exercise the disk cache)."""
+    with _memo_lock:
+        _file_memo.clear()
+        _table_memo.clear()
+
+
+def vocab_digest(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
