@@ -32,12 +32,18 @@ class Selection:
     git_prefix: str = ""                    # root relative to git_root ('' or 'sub/dir/')
     untracked: frozenset[str] = frozenset()  # subset of paths that git does not track
     warnings: list[str] = field(default_factory=list)
+    # submodules (or nested repositories) whose files are in `paths` (--recurse-submodules);
+    # their files are tracked by their own repository, not by git_root's history
+    recursed_submodules: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class ReadOptions:
     max_file_bytes: int = 1 << 20           # per-file cap; larger files are listed
     default_filters: bool = True            # False: keep noise (lock files, minified, ...)
+    # files up to this size are offered to the document converter (PDF manuals are often
+    # larger than max_file_bytes); the converted text must still fit max_file_bytes
+    max_document_bytes: int = 64 << 20
 
 
 @dataclass
