@@ -490,8 +490,9 @@ def download_from_hub(
     return Path(path)
 
 
-def hub_unreachable_reason(timeout_s: float = _HUB_PROBE_TIMEOUT_S) -> str | None:
+def hub_unreachable_reason(timeout_s: float | None = None) -> str | None:
     """None when a TCP connection to the hub (or the HTTPS proxy) opens within `timeout_s`."""
+    timeout_s = _HUB_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
