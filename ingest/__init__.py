@@ -1,0 +1,308 @@
+"""Packing: repositories and manuals into one byte-stable prompt.
+
+`pack()` runs the stages select -> read -> order -> render -> count -> budget. The tokenizer and
+the cache directory are passed in: this package never imports `engine` or `dsv4cli`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ingest.budget import Candidate, Reduction, fit
+from ingest.errors import IngestError, SourceNotFound
+from ingest.render import TailEntry, check_format, file_block, report_frame, report_line, tail_blocks
+from ingest.types import Document, ReadOptions, SelectOptions, Selection
+
+__all__ = ["pack", "list_paths", "PackOptions", "PackResult", "FileReport", "Reduction", "IngestError"]
+
+STDIN_PATH = "stdin"
+_READ_THREADS = 4
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    format: str = "xml"
+    budget: int | None = None
+    select: SelectOptions = SelectOptions()
+    read: ReadOptions = ReadOptions()
+    files_from: tuple[str, ...] | None = None     # explicit paths, packed in the given order
+
+
+@dataclass
+class FileReport:
+    path: str
+    status: str           # "full" | "reduced" | "listed"
+    reason: str
+    tokens: int           # tokens of the file's block in the output (0 when listed)
+
+
+@dataclass
+class PackResult:
+    text: str
+    total_tokens: int | None          # exact count of `text`; None without a tokenizer
+    files: list[FileReport]
+    warnings: list[str] = field(default_factory=list)
+    reduced: list[Reduction] = field(default_factory=list)   # what the budget degraded
+    stable_prefix_chars: int = 0      # length of the file bodies, before the volatile tail
+    tokenizer: str | None = None
+    tokenized_blocks: int = 0         # blocks the tokenizer actually saw (the rest came from cache)
+
+
+@dataclass
+class _Unit:
+    """One SOURCE (or the --files-from list) as the pipeline sees it."""
+
+    selection: Selection | None        # None for stdin
+    prefix: str                        # display prefix, '' or 'dir/'
+    document_mode: bool
+    ordered: list[str] = field(default_factory=list)
+
+
+def list_paths(sources: list[str | Path], *, options: PackOptions = PackOptions(),
+               cache_dir: Path | None = None) -> list[str]:
+    """The selected paths in pack order (ignore rules and globs applied, no content filter)."""
+    units, _ = _units(sources, options, cache_dir)
+    return _dedupe([u.prefix + p for u in units for p in (u.ordered if u.selection else [STDIN_PATH])])[0]
+
+
+def pack(
+    sources: list[str | Path],
+    *,
+    options: PackOptions = PackOptions(),
+    tokenizer=None,
+    cache_dir: Path | None = None,
+    stdin_text: str | None = None,
+) -> PackResult:
+    """Pack `sources` ('-' = `stdin_text` as one document) into one prompt."""
+    fmt = check_format(options.format)
+    if options.budget is not None and tokenizer is None:
+        raise IngestError("a token budget needs a tokenizer", "pass the model whose tokenizer counts")
+    units, warnings = _units(sources, options, cache_dir)
+    documents = _read_all(units, options, cache_dir, stdin_text, warnings)
+    documents, duplicates = _dedupe_documents(documents)
+    warnings += duplicates
+
+    from ingest.tokens import TokenCounter
+
+    counter = TokenCounter(tokenizer, cache_dir) if tokenizer is not None else None
+    full_blocks = [file_block(fmt, d.path, d.text) if d.text is not None else "" for d in documents]
+    if counter is not None:
+        to_count = [(i, b) for i, b in enumerate(full_blocks) if b]
+        counts = counter.count([b for _, b in to_count])
+        block_tokens = [0] * len(documents)
+        for (i, _), n in zip(to_count, counts):
+            block_tokens[i] = n
+    else:
+        block_tokens = [0] * len(documents)
+    statuses = ["full" if d.text is not None else "listed" for d in documents]
+    reasons = [d.reason for d in documents]
+    outlines: dict[int, str] = {}
+    reductions: list[Reduction] = []
+
+    if options.budget is not None:
+        statuses, block_tokens, reductions = _fit(
+            fmt, documents, statuses, block_tokens, reasons, outlines, counter, options.budget
+        )
+        index_of = {d.path: i for i, d in enumerate(documents)}
+        for item in reductions:
+            reasons[index_of[item.path]] = "budget"
+
+    body = []
+    for index, document in enumerate(documents):
+        if statuses[index] == "full":
+            body.append(full_blocks[index])
+        elif statuses[index] == "reduced":
+            body.append(file_block(fmt, document.path, outlines[index], reduced=True))
+    entries = [TailEntry(d.path, statuses[i], reasons[i]) for i, d in enumerate(documents)]
+    tail = tail_blocks(fmt, entries)
+    body_text = "".join(body)
+    total = None
+    if counter is not None:
+        total = sum(block_tokens) + sum(counter.count(tail))
+        counter.save()
+    files = [FileReport(d.path, statuses[i], reasons[i], block_tokens[i] if statuses[i] != "listed" else 0)
+             for i, d in enumerate(documents)]
+    return PackResult(
+        text=body_text + "".join(tail),
+        total_tokens=total,
+        files=files,
+        warnings=warnings,
+        reduced=reductions,
+        stable_prefix_chars=len(body_text),
+        tokenizer=getattr(tokenizer, "name", None),
+        tokenized_blocks=counter.tokenized_blocks if counter is not None else 0,
+    )
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def _units(sources: list[str | Path], options: PackOptions, cache_dir: Path | None) -> tuple[list[_Unit], list[str]]:
+    from ingest.order import pack_order
+    from ingest.select import select
+
+    sources = list(sources)
+    if not sources and options.files_from is None:
+        sources = ["."]
+    several = len(sources) + (options.files_from is not None) > 1
+    units: list[_Unit] = []
+    warnings: list[str] = []
+    for source in sources:
+        if str(source) == "-":
+            units.append(_Unit(selection=None, prefix="", document_mode=True))
+            continue
+        selection = select(Path(source), options.select)
+        warnings += selection.warnings
+        single_file = not Path(source).is_dir()
+        prefix = _display_prefix(Path(source), single_file) if several else ""
+        unit = _Unit(selection, prefix, document_mode=single_file or selection.git_root is None)
+        unit.ordered = pack_order(selection, cache_dir)
+        units.append(unit)
+    if options.files_from is not None:
+        units.append(_files_from_unit(options.files_from))
+    return units, warnings
+
+
+def _display_prefix(source: Path, single_file: bool) -> str:
+    """What goes before a path from `source` when several SOURCEs share one pack; never absolute."""
+    directory = source.parent if single_file else source
+    resolved = directory.resolve()
+    try:
+        relative = resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        relative = resolved.name
+    return "" if relative in ("", ".") else relative + "/"
+
+
+def _files_from_unit(paths: tuple[str, ...]) -> _Unit:
+    """An explicit list: no ignore rules, the given order, paths relative to the working directory."""
+    cwd = Path.cwd()
+    ordered: list[str] = []
+    for raw in paths:
+        if not raw:
+            continue
+        path = Path(raw)
+        if not os.path.lexists(path):
+            raise SourceNotFound(f"no such file: {raw} (from --files-from)", "check the list of paths")
+        absolute = path if path.is_absolute() else cwd / path
+        relative = os.path.relpath(os.path.normpath(absolute), cwd).replace(os.sep, "/")
+        ordered.append(relative)
+    ordered = _dedupe(ordered)[0]
+    selection = Selection(root=cwd, paths=ordered)
+    return _Unit(selection, "", document_mode=False, ordered=ordered)
+
+
+def _dedupe(paths: list[str]) -> tuple[list[str], list[str]]:
+    seen: set[str] = set()
+    kept, dropped = [], []
+    for path in paths:
+        (dropped if path in seen else kept).append(path)
+        seen.add(path)
+    return kept, dropped
+
+
+def _dedupe_documents(documents: list[Document]) -> tuple[list[Document], list[str]]:
+    seen: set[str] = set()
+    kept: list[Document] = []
+    warnings: list[str] = []
+    for document in documents:
+        if document.path in seen:
+            warnings.append(f"{document.path} is named by more than one SOURCE; packed once")
+            continue
+        seen.add(document.path)
+        kept.append(document)
+    return kept, warnings
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _read_all(units: list[_Unit], options: PackOptions, cache_dir: Path | None, stdin_text: str | None,
+              warnings: list[str]) -> list[Document]:
+    from ingest.read import load_attributes, read_document
+
+    documents: list[Document] = []
+    for unit in units:
+        if unit.selection is None:
+            text = stdin_text if stdin_text is not None else ""
+            documents.append(Document(path=STDIN_PATH, text=text, size=len(text.encode("utf-8", "replace"))))
+            continue
+        selection = unit.selection
+        submodules = set(selection.submodules)
+        attributes = load_attributes(selection) if options.read.default_filters else None
+        warnings += [w for w in selection.warnings if w not in warnings]
+        converter = _converter(cache_dir, unit.document_mode)
+
+        def read_one(path: str, selection: Selection = selection) -> Document:
+            if path in submodules:
+                return Document(path=path, text=None, status="listed", reason="submodule")
+            return read_document(selection.root, path, options.read, attributes=attributes, converter=converter)
+
+        paths = unit.ordered
+        if len(paths) > 64:
+            # file reads and sha256 release the GIL; decoding does not, but reads dominate cold caches
+            with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+                read = list(pool.map(read_one, paths, chunksize=32))
+        else:
+            read = [read_one(p) for p in paths]
+        for document in read:
+            warnings.extend(document.warnings)
+            document.path = unit.prefix + document.path
+            documents.append(document)
+    return documents
+
+
+def _converter(cache_dir: Path | None, document_mode: bool):
+    from ingest import manuals
+
+    if cache_dir is None:
+        return lambda relpath, data: manuals.convert(relpath, data, document_mode=document_mode)
+    from ingest.conversion_cache import ConversionCache
+
+    cache = ConversionCache(Path(cache_dir) / "conversions")
+    return lambda relpath, data: cache.get_or_convert(relpath, data, document_mode, manuals.convert)
+
+
+# ------------------------------------------------------------------------------ budget
+
+
+def _fit(fmt, documents, statuses, block_tokens, reasons, outlines, counter, budget):
+    from ingest.outline import outline
+
+    def entry(index: int, status: str) -> TailEntry:
+        reason = reasons[index] if statuses_at_start[index] != "full" else "budget"
+        return TailEntry(documents[index].path, status, reason)
+
+    statuses_at_start = list(statuses)
+
+    def outline_tokens(index: int) -> int | None:
+        text = documents[index].text or ""
+        reduced = outline(documents[index].path, text)
+        if not reduced or reduced == text:
+            return None
+        outlines[index] = reduced
+        return counter.count_one(file_block(fmt, documents[index].path, reduced, reduced=True))
+
+    def report_line_tokens(index: int, status: str) -> int:
+        return counter.count_one(report_line(fmt, entry(index, status)))
+
+    header, footer = report_frame(fmt)
+    frame_tokens = sum(counter.count([p for p in (header, footer) if p]))
+
+    def exact_total(current_statuses: list[str], current_tokens: list[int]) -> int:
+        entries = [entry(i, s) if s != "full" else TailEntry(d.path, s)
+                   for i, (d, s) in enumerate(zip(documents, current_statuses))]
+        return sum(current_tokens) + sum(counter.count(tail_blocks(fmt, entries)))
+
+    candidates = [Candidate(d.path, s, t) for d, s, t in zip(documents, statuses, block_tokens)]
+    result = fit(
+        candidates, budget,
+        outline_tokens=outline_tokens,
+        report_line_tokens=report_line_tokens,
+        report_frame_tokens=frame_tokens,
+        exact_total=exact_total,
+    )
+    return result.statuses, result.tokens, result.reductions
