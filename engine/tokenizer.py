@@ -105,7 +105,8 @@ def pattern_for_pre(pre: str | None) -> str:
 
 @dataclass(frozen=True)
 class _Table:
-    """The derived tokenizer: what the disk cache stores."""
+    """The derived tokenizer. The disk cache stores all but `pat_str`, which always comes from
+    this module so a corrected pattern takes effect without clearing caches."""
 
     pat_str: str
     id_bytes: list[bytes]  # every id's bytes; a special's bytes are its UTF-8 text
@@ -124,7 +125,6 @@ class _Table:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": _CACHE_FORMAT,
-            "pat_str": self.pat_str,
             "id_bytes": [b.decode("latin-1") for b in self.id_bytes],
             "special_tokens": self.special_tokens,
             "non_rank_ids": self.non_rank_ids,
@@ -132,11 +132,11 @@ class _Table:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> _Table:
+    def from_json(cls, data: dict[str, Any], pat_str: str) -> _Table:
         if data.get("format") != _CACHE_FORMAT:
             raise ValueError("stale tokenizer cache format")
         return cls(
-            pat_str=data["pat_str"],
+            pat_str=pat_str,
             id_bytes=[s.encode("latin-1") for s in data["id_bytes"]],
             special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
             non_rank_ids=[int(i) for i in data["non_rank_ids"]],
@@ -285,11 +285,13 @@ class Tokenizer:
         digest = gguf_file.tokenizer_digest()
         pre = meta.get("tokenizer.ggml.pre")
 
+        pat_str = pattern_for_pre(pre)
+
         def derive() -> _Table:
             spec = gguf_file.tokenizer_spec()
-            return build_byte_level_table(spec.tokens, spec.token_types, spec.merges, pattern_for_pre(pre))
+            return build_byte_level_table(spec.tokens, spec.token_types, spec.merges, pat_str)
 
-        table = _load_or_build_table(digest, derive)
+        table = _load_or_build_table(digest, pat_str, derive)
 
         def token_id(key: str) -> int | None:
             value = meta.get(key)
@@ -458,15 +460,15 @@ def _cache_path(digest: str) -> Path:
     return cache_dir() / "tokenizers" / f"{digest}.json"
 
 
-def _load_or_build_table(digest: str, derive: Any) -> _Table:
+def _load_or_build_table(digest: str, pat_str: str, derive: Any) -> _Table:
     """Process memo, then the disk cache, then derive (and write the cache atomically)."""
-    key = f"{_CACHE_FORMAT}:{digest}"
+    key = f"{_CACHE_FORMAT}:{digest}:{pat_str}"
     with _memo_lock:
         table = _table_memo.get(key)
     if table is not None:
         return table
     path = _cache_path(digest)
-    table = _read_cached_table(path)
+    table = _read_cached_table(path, pat_str)
     if table is None:
         table = derive()
         _write_cached_table(path, table)
@@ -475,10 +477,10 @@ def _load_or_build_table(digest: str, derive: Any) -> _Table:
     return table
 
 
-def _read_cached_table(path: Path) -> _Table | None:
+def _read_cached_table(path: Path, pat_str: str) -> _Table | None:
     try:
         with open(path, encoding="utf-8") as f:
-            return _Table.from_json(json.load(f))
+            return _Table.from_json(json.load(f), pat_str)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
