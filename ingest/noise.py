@@ -33,8 +33,9 @@ LONG_LINE_SHARE = 0.5
 # Prose is often written one paragraph per line, so long lines there are not minification.
 PROSE_SUFFIXES = (".md", ".markdown", ".rst", ".txt", ".adoc", ".asciidoc", ".org", ".tex")
 
-# base64 runs this long appear only in embedded data (hashes are at most 128 hex digits).
-BASE64_RUN = 100
+# base64 runs this long appear only in embedded data (hex digests are at most 128 digits);
+# line-wrapped base64 (PEM, MIME) is not a run and stays text.
+BASE64_RUN = 200
 BASE64_SHARE = 0.5
 _BASE64_PROBE = re.compile(rb"[A-Za-z0-9+/]{%d}" % BASE64_RUN)
 _BASE64_RUNS = re.compile(rb"[A-Za-z0-9+/]{%d,}={0,2}" % BASE64_RUN)

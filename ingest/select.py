@@ -247,17 +247,22 @@ def _prefix(directory: Path, work_tree: Path) -> str:
     return "" if relative == "." else relative + "/"
 
 
-def _git_z(directory: Path, arguments: list[str]) -> list[str]:
-    """Run git in `directory` and split its NUL-terminated output into names."""
+def _git_z(directory: Path, arguments: list[str], warnings: list[str] | None = None) -> list[str]:
+    """Run git in `directory` and split its NUL-terminated output into names; git's own
+    warnings (an unreadable directory, say) go to `warnings`."""
     import git
 
     command = [git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", "-c", "core.quotepath=off", *arguments]
     try:
-        output = git.Git(str(directory)).execute(command, stdout_as_string=False)
+        _, output, errors = git.Git(str(directory)).execute(
+            command, with_extended_output=True, stdout_as_string=False)
     except git.GitCommandError as error:
         detail = error.stderr.strip() if isinstance(error.stderr, str) else str(error.stderr)
         raise IngestError(f"git {arguments[0]} failed in {directory}: {detail}") from error
     assert isinstance(output, bytes)
+    if warnings is not None and errors:
+        text = errors.decode("utf-8", "replace") if isinstance(errors, bytes) else errors
+        warnings.extend(line.removeprefix("warning: ") for line in text.splitlines() if line)
     return [os.fsdecode(name) for name in output.split(b"\0") if name]
 
 
@@ -284,7 +289,7 @@ def _git_collect(directory: Path, prefix: str, options: SelectOptions, listing: 
     """Add what git selects in `directory` (a work tree, or a subdirectory of one), with
     paths prefixed by `prefix`; descend into submodules when asked."""
     staged = _git_z(directory, ["ls-files", "-z", "--stage", "--cached"])
-    others = _git_z(directory, ["ls-files", "-z", "--others", "--exclude-standard"])
+    others = _git_z(directory, ["ls-files", "-z", "--others", "--exclude-standard"], warnings)
     repositories: list[str] = []
     for record in staged:
         meta, _, path = record.partition("\t")
