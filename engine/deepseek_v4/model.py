@@ -1,0 +1,258 @@
+"""DeepSeek-V4 Transformer: MoE, mHC residual streams, blocks, head. Math only.
+
+No I/O, environment or globals: everything comes from `ModelArgs` and constructor
+arguments. Module and buffer names are the official checkpoint names (spec §5), so the
+state dict of `Transformer` is the checkpoint's tensor list.
+
+Dimension key: B batch, T tokens, S hc streams (hc_mult), d hidden, E experts, k active.
+
+`simulate` switches on DeepSeek's in-model QAT rounding (FP8 activations before FP8/FP4
+matmuls, FP8 KV entries, Hadamard + FP4 indexer q/k); off, the model is the plain
+full-precision math that other ports (transformers) implement.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.deepseek_v4.attention import Attention, RMSNorm
+from engine.deepseek_v4.config import ModelArgs
+from engine.deepseek_v4.state import DSV4State
+from engine.fp8 import DenseLinear, make_linear
+
+# ---------- MoE ----------
+
+
+class Gate(nn.Module):
+    """Router: sqrt(softplus) scores (fp32); the bias only picks, it never weighs.
+
+    Hash layers take their experts from `tid2eid[token_id]` instead of the scores.
+    """
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.topk, self.score_func = args.num_experts_per_tok, args.scoring_func
+        self.route_scale = args.routed_scaling_factor
+        self.hash = layer_id < args.num_hash_layers
+        self.register_buffer("weight", torch.empty(args.n_routed_experts, args.hidden_size, dtype=torch.bfloat16))
+        if self.hash:
+            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, self.topk, dtype=torch.int64))
+        else:
+            self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,d], token_ids [N] -> (weights [N,k] fp32, expert ids [N,k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = F.softplus(logits).sqrt()
+        if self.hash:
+            experts = self.tid2eid[token_ids].long()
+        else:
+            experts = (scores + self.bias.float()).topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, experts
+
+
+class Expert(nn.Module):
+    """SwiGLU with clamping, in fp32: w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L) * weight)."""
+
+    def __init__(self, args: ModelArgs, fmt: str, simulate: bool):
+        super().__init__()
+        d, inter, block = args.hidden_size, args.moe_intermediate_size, args.weight_block_size
+        self.w1 = make_linear(d, inter, fmt, block=block, simulate=simulate)
+        self.w2 = make_linear(inter, d, fmt, block=block, simulate=simulate)
+        self.w3 = make_linear(d, inter, fmt, block=block, simulate=simulate)
+        self.limit = args.swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.w1(x).float(), self.w3(x).float()
+        if self.limit > 0:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(-self.limit, self.limit)
+        h = F.silu(gate) * up
+        if weights is not None:
+            h = h * weights
+        return self.w2(h.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+        super().__init__()
+        self.n_experts = args.n_routed_experts
+        self.gate = Gate(args, layer_id)
+        self.experts = nn.ModuleList(Expert(args, args.expert_format, simulate) for _ in range(self.n_experts))
+        self.shared_experts = Expert(args, args.weight_format, simulate)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.gate(x, token_ids.reshape(-1))
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in torch.unique(experts).tolist():
+            rows, slot = torch.where(experts == e)
+            y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
+        y += self.shared_experts(x).float()
+        return y.to(x.dtype).view(shape)
+
+
+# ---------- mHC ----------
+
+
+def hc_split_sinkhorn(
+    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixes [..., (2+S)*S] -> pre [..., S], post [..., S], comb [..., S, S] (spec §4)."""
+    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
+    comb = comb.unflatten(-1, (hc, hc)).softmax(dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [B,T,S,d] -> fn . v * rsqrt(mean(v^2)+eps), v = the S streams flattened, fp32."""
+    v = x.flatten(2).float()
+    return F.linear(v, fn.float()) * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)
+
+
+class Block(nn.Module):
+    """hc_pre(attn) -> attn_norm -> attention -> hc_post -> hc_pre(ffn) -> ffn_norm -> MoE -> hc_post."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+        super().__init__()
+        self.args = args
+        self.attn = Attention(args, layer_id, simulate)
+        self.ffn = MoE(args, layer_id, simulate)
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        hc = args.hc_mult
+        mix = (2 + hc) * hc
+        for part in ("attn", "ffn"):
+            self.register_buffer(f"hc_{part}_fn", torch.zeros(mix, hc * args.hidden_size, dtype=torch.float32))
+            self.register_buffer(f"hc_{part}_base", torch.zeros(mix, dtype=torch.float32))
+            self.register_buffer(f"hc_{part}_scale", torch.zeros(3, dtype=torch.float32))
+
+    def _hc_pre(self, x: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.args
+        mixes = hc_mixes(x, getattr(self, f"hc_{part}_fn"), a.rms_norm_eps)
+        pre, post, comb = hc_split_sinkhorn(
+            mixes, getattr(self, f"hc_{part}_scale"), getattr(self, f"hc_{part}_base"),
+            a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps,
+        )
+        u = (pre[..., None] * x.float()).sum(dim=2)
+        return u.to(x.dtype), post, comb
+
+    @staticmethod
+    def _hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        # x'_j = post_j f + sum_i comb[i, j] x_i: the contraction runs over the FIRST index.
+        y = post[..., None] * f.float()[:, :, None, :] + torch.einsum("btij,btid->btjd", comb, x.float())
+        return y.to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor, start_pos: int, layer_state, attn_impl: str = "sparse"
+    ) -> torch.Tensor:
+        u, post, comb = self._hc_pre(x, "attn")
+        x = self._hc_post(self.attn(self.attn_norm(u), start_pos, layer_state, attn_impl), x, post, comb)
+        u, post, comb = self._hc_pre(x, "ffn")
+        return self._hc_post(self.ffn(self.ffn_norm(u), token_ids), x, post, comb)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """Collapse the streams [B,T,S,d] -> [B,T,d] with sigmoid weights (no Sinkhorn)."""
+    pre = torch.sigmoid(hc_mixes(x, fn, norm_eps) * scale + base) + hc_eps
+    return (pre[..., None] * x.float()).sum(dim=2).to(x.dtype)
+
+
+class MTPBlock(Block):
+    """The multi-token-prediction layer (`mtp.0.*`). Its weights load so checkpoints with
+    MTP are accepted strictly; plain generation does not run it."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+        super().__init__(args, layer_id, simulate)
+        d, hc = args.hidden_size, args.hc_mult
+        fmt, block = args.weight_format, args.weight_block_size
+        self.e_proj = make_linear(d, d, fmt, block=block, simulate=simulate)
+        self.h_proj = make_linear(d, d, fmt, block=block, simulate=simulate)
+        self.enorm = RMSNorm(d, args.rms_norm_eps)
+        self.hnorm = RMSNorm(d, args.rms_norm_eps)
+        self.norm = RMSNorm(d, args.rms_norm_eps)
+        self.register_buffer("hc_head_fn", torch.zeros(hc, hc * d, dtype=torch.float32))
+        self.register_buffer("hc_head_base", torch.zeros(hc, dtype=torch.float32))
+        self.register_buffer("hc_head_scale", torch.zeros(1, dtype=torch.float32))
+
+
+class Transformer(nn.Module):
+    """embed -> S identical streams -> blocks -> hc head -> norm -> head (fp32 logits)."""
+
+    def __init__(self, args: ModelArgs, *, simulate: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.args, self.simulate, self.dtype = args, simulate, dtype
+        d, hc = args.hidden_size, args.hc_mult
+        self.embed = _Embedding(args.vocab_size, d)
+        self.layers = nn.ModuleList(Block(args, i, simulate) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(d, args.rms_norm_eps)
+        self.head = DenseLinear(d, args.vocab_size)
+        self.register_buffer("hc_head_fn", torch.zeros(hc, hc * d, dtype=torch.float32))
+        self.register_buffer("hc_head_base", torch.zeros(hc, dtype=torch.float32))
+        self.register_buffer("hc_head_scale", torch.zeros(1, dtype=torch.float32))
+        n_main = args.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPBlock(args, n_main + i, simulate) for i in range(args.num_nextn_predict_layers))
+
+    def new_state(self, batch: int = 1) -> DSV4State:
+        return DSV4State.empty(self.args, batch, dtype=self.dtype, device=self.head.weight.device)
+
+    def hidden_streams(
+        self, tokens: torch.Tensor, state: DSV4State, start_pos: int, attn_impl: str = "sparse"
+    ) -> torch.Tensor:
+        """tokens [B,T] -> the last block's streams [B,T,S,d]; advances `state` by T."""
+        if start_pos != state.pos:
+            raise ValueError(f"start_pos {start_pos} does not continue the state at {state.pos}")
+        if tokens.shape[0] != state.batch_size:
+            raise ValueError(f"batch {tokens.shape[0]} does not match the state's {state.batch_size}")
+        h = F.embedding(tokens, self.embed.weight).to(self.dtype)
+        h = h[:, :, None, :].expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for layer, layer_state in zip(self.layers, state.layers):
+            h = layer(h, tokens, start_pos, layer_state, attn_impl)
+        state.pos = start_pos + tokens.shape[1]
+        return h
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: DSV4State | None = None,
+        start_pos: int | None = None,
+        *,
+        attn_impl: str = "sparse",
+    ) -> torch.Tensor:
+        """tokens [B,T] at positions start_pos.. -> logits [B,T,V] (fp32).
+
+        With no state the call is a one-shot prefill from position 0 on a fresh state.
+        """
+        if state is None:
+            state = self.new_state(tokens.shape[0])
+        if start_pos is None:
+            start_pos = state.pos
+        h = self.hidden_streams(tokens, state, start_pos, attn_impl)
+        a = self.args
+        y = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.rms_norm_eps, a.hc_eps)
+        return F.linear(self.norm(y).float(), self.head.weight.float())
+
+
+class _Embedding(nn.Module):
+    """Holds `embed.weight` [V, d] in its checkpoint dtype."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(vocab, dim, dtype=torch.bfloat16))
