@@ -11,6 +11,7 @@ a symlink's target may be read (a regular file inside SOURCE) is decided by read
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,15 @@ class IgnoreRules:
             if hidden:
                 return True
         return self.ignores(path, False)
+
+
+def regular_file(path: str) -> bool:
+    """A regular file, not a symlink: like git, ignore and attribute files are never read
+    through a symlink (which could point out of SOURCE)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _globs(patterns: tuple[str, ...]) -> GitIgnoreSpec | None:
@@ -194,7 +204,7 @@ def _find_dsv4ignore(listing: _Listing) -> IgnoreRules:
     warnings: list[str] = []
     for directory in directories:
         candidate = os.path.join(base, directory, DSV4IGNORE)
-        if os.path.isfile(candidate):
+        if regular_file(candidate):
             rules.add_file(directory + "/" if directory else "", candidate, warnings)
     return rules
 
@@ -281,7 +291,21 @@ def _git_listing(root: Path, options: SelectOptions, warnings: list[str]) -> _Li
     except IngestError as error:
         warnings.append(f"{error}; selected files by walking the directory instead")
         return None
+    if not listing.files and not listing.submodules and _ignored_by_git(root):
+        # git lists nothing inside an ignored directory, but naming it is a clear request
+        warnings.append(f"{listing.git_prefix or './'} is ignored by git; selected its "
+                        "files by walking it with its own .gitignore files")
+        return None
     return listing
+
+
+def _ignored_by_git(directory: Path) -> bool:
+    import git
+
+    command = [git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", "check-ignore", "-q", "."]
+    status, _, _ = git.Git(str(directory)).execute(command, with_extended_output=True,
+                                                   with_exceptions=False)
+    return status == 0
 
 
 def _git_collect(directory: Path, prefix: str, options: SelectOptions, listing: _Listing,
@@ -342,9 +366,9 @@ def _walk(root: Path, options: SelectOptions, warnings: list[str]) -> _Listing:
             warnings.append(f"skipped directory {relative or './'}: {error.strerror or error}")
             continue
         for entry in entries:
-            if entry.name == GITIGNORE and entry.is_file():
+            if entry.name == GITIGNORE and entry.is_file(follow_symlinks=False):
                 gitignore.add_file(relative, entry.path, warnings)
-            elif entry.name == DSV4IGNORE and entry.is_file():
+            elif entry.name == DSV4IGNORE and entry.is_file(follow_symlinks=False):
                 dsv4.add_file(relative, entry.path, warnings)
         for entry in entries:
             name = entry.name

@@ -397,3 +397,35 @@ def test_unreadable_directory_in_git_is_skipped_with_a_warning(tmp_path: Path) -
         (tmp_path / "locked").chmod(0o755)
     assert selection.paths == ["a.py"]
     assert any("locked" in warning for warning in selection.warnings)
+
+
+def test_source_ignored_by_git_is_walked_with_a_warning(tmp_path: Path) -> None:
+    init_repo(tmp_path, {".gitignore": "build/\n", "a.py": "x"})
+    write(tmp_path, {"build/out/x.txt": "x", "build/out/.gitignore": "*.o\n",
+                     "build/out/y.o": "x"})
+    selection = select(tmp_path / "build" / "out")
+    assert selection.paths == [".gitignore", "x.txt"]
+    assert selection.warnings == ["build/out/ is ignored by git; selected its files by "
+                                  "walking it with its own .gitignore files"]
+    assert select(tmp_path).paths == [".gitignore", "a.py"]
+
+
+def test_ignore_files_are_not_read_through_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write(outside, {"rules": "*.py\n"})
+    source = tmp_path / "source"
+    write(source, {"a.py": "x", "b.txt": "x"})
+    (source / ".gitignore").symlink_to(outside / "rules")
+    (source / ".dsv4ignore").symlink_to(outside / "rules")
+    assert select(source).paths == [".dsv4ignore", ".gitignore", "a.py", "b.txt"]
+
+
+def test_names_that_are_not_utf8(tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.txt"
+    with open(raw, "wb") as handle:
+        handle.write(b"latin-1 name\n")
+    init_repo(tmp_path, {"a.txt": "x"})
+    name = os.fsdecode(b"caf\xe9.txt")
+    assert select(tmp_path).paths == ["a.txt", name]
+    assert select(tmp_path, WALK).paths == ["a.txt", name]
+    assert read_document(tmp_path, name, ReadOptions()).text == "latin-1 name\n"
