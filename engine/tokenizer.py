@@ -227,6 +227,7 @@ class Tokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
         extra_stop_ids: Iterable[int] = (),
+        presplit_patterns: Sequence[str] = (),
     ):
         self.name = name
         self.digest = digest
@@ -247,6 +248,9 @@ class Tokenizer:
             special_tokens=table.special_tokens,
         )
         self._has_extra_bytes = bool(table.extra_bytes)
+        # Earlier stages of a Hugging Face pre-tokenizer Sequence; tiktoken runs the last one.
+        self._presplit = _Presplitter(presplit_patterns) if presplit_patterns else None
+        self._special_id_set = frozenset(table.special_tokens.values())
         stop = {i for i in (eos_id, *extra_stop_ids) if i is not None}
         template = chat_template or ""
         for text in _END_OF_TURN_NAMES:
@@ -316,18 +320,79 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, directory: str | Path) -> Tokenizer:
-        """A Hugging Face `tokenizer.json` (byte-level BPE) directory."""
-        from engine.hf_tokenizer import load_hf_tokenizer
+        """A Hugging Face checkpoint directory's byte-level BPE `tokenizer.json` (with
+        tokenizer_config.json and generation_config.json when present)."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        try:
+            raw = path.read_bytes()
+            stat = path.stat()
+        except OSError as exc:
+            raise ModelFormatError(f"cannot read {path}: {exc.strerror}", "the checkpoint needs its tokenizer.json") from exc
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with _memo_lock:
+            cached = _file_memo.get(key)
+        if cached is not None:
+            return cached
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ModelFormatError(f"{path} is not valid JSON: {exc}", "fetch the checkpoint again") from exc
+        stages = _hf_pre_tokenizer_stages(data.get("pre_tokenizer"), path)
+        pat_str, presplit = _stages_to_patterns(stages)
+        digest = hashlib.sha256(raw).hexdigest()
+        table = _load_or_build_table(digest, pat_str, lambda: _build_hf_table(data, pat_str, path))
+        config = _read_json_if_present(directory / "tokenizer_config.json")
+        generation = _read_json_if_present(directory / "generation_config.json")
+        specials = table.special_tokens
 
-        return load_hf_tokenizer(cls, Path(directory))
+        def special_id(field: str) -> int | None:
+            value = config.get(field)
+            if isinstance(value, dict):
+                value = value.get("content")
+            return specials.get(value) if isinstance(value, str) else None
+
+        extra_stop = generation.get("eos_token_id")
+        extra_stop_ids = [extra_stop] if isinstance(extra_stop, int) else [i for i in extra_stop or [] if isinstance(i, int)]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not isinstance(template, str):
+            jinja = directory / "chat_template.jinja"
+            template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+        tokenizer = cls(
+            table,
+            name=_slug_name(directory.name),
+            digest=digest,
+            vocab_size=len(table.id_bytes),
+            bos_id=special_id("bos_token"),
+            eos_id=special_id("eos_token"),
+            pad_id=special_id("pad_token"),
+            unk_id=special_id("unk_token"),
+            add_bos=bool(config.get("add_bos_token", False)),
+            chat_template=template,
+            extra_stop_ids=extra_stop_ids,
+            presplit_patterns=presplit,
+        )
+        with _memo_lock:
+            _file_memo[key] = tokenizer
+        return tokenizer
 
     # ---- encoding -------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text: special-token strings inside it stay text."""
-        return self._drop_missing_bytes(self._encoding.encode_ordinary(text))
+        if self._presplit is None:
+            return self._drop_missing_bytes(self._encoding.encode_ordinary(text))
+        encode_piece = self._encoding.encode_ordinary
+        ids: list[int] = []
+        for piece in self._presplit.split(text):
+            ids.extend(encode_piece(piece))
+        return self._drop_missing_bytes(ids)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[list[int]]:
+        if self._presplit is not None:
+            return [self.encode(t) for t in texts]
         batches = self._encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [self._drop_missing_bytes(ids) for ids in batches]
 
@@ -365,11 +430,7 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
-
-    @property
-    def _special_ids(self) -> frozenset[int]:
-        return frozenset(self.special_tokens.values())
+        return token_id in self._special_id_set
 
     # ---- chat -----------------------------------------------------------------------------
 
@@ -427,6 +488,126 @@ class Tokenizer:
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+
+class _Presplitter:
+    """Hugging Face `Split(pattern, behavior="isolated")` stages applied in order: each stage
+    cuts every piece into its matches and the text between them."""
+
+    def __init__(self, patterns: Sequence[str]):
+        import regex
+
+        self._stages = [regex.compile(p) for p in patterns]
+
+    def split(self, text: str) -> list[str]:
+        pieces = [text]
+        for stage in self._stages:
+            out: list[str] = []
+            for piece in pieces:
+                last = 0
+                for match in stage.finditer(piece):
+                    start, end = match.span()
+                    if start > last:
+                        out.append(piece[last:start])
+                    if end > start:
+                        out.append(piece[start:end])
+                    last = end
+                if last < len(piece):
+                    out.append(piece[last:])
+            pieces = out
+        return pieces
+
+
+# ---- Hugging Face tokenizer.json -----------------------------------------------------------
+
+
+def _hf_pre_tokenizer_stages(pre: Any, path: Path) -> list[str]:
+    """The pre-tokenizer as a list of isolating split patterns, applied in order."""
+
+    def unsupported(what: str) -> ModelFormatError:
+        return ModelFormatError(f"{path}: unsupported pre-tokenizer ({what})", "dsv4 reads byte-level BPE tokenizers with Split/Digits/ByteLevel pre-tokenizers")
+
+    if not isinstance(pre, dict):
+        raise unsupported("none")
+    items = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    stages: list[str] = []
+    saw_byte_level = False
+    for item in items or []:
+        kind = item.get("type")
+        if saw_byte_level:
+            raise unsupported(f"{kind} after ByteLevel")
+        if kind == "Split":
+            pattern = item.get("pattern") or {}
+            if item.get("behavior") != "Isolated" or item.get("invert"):
+                raise unsupported(f"Split with behavior {item.get('behavior')} invert={item.get('invert')}")
+            if "Regex" in pattern:
+                stages.append(pattern["Regex"])
+            elif "String" in pattern:
+                import regex
+
+                stages.append(regex.escape(pattern["String"]))
+            else:
+                raise unsupported("Split without a pattern")
+        elif kind == "Digits":
+            stages.append(r"\p{N}" if item.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel":
+            if item.get("add_prefix_space"):
+                raise unsupported("ByteLevel with add_prefix_space")
+            if item.get("use_regex", True):
+                stages.append(GPT2_PAT_STR)
+            saw_byte_level = True
+        else:
+            raise unsupported(str(kind))
+    if not saw_byte_level or not stages:
+        raise unsupported("no byte-level stage")
+    return stages
+
+
+def _stages_to_patterns(stages: list[str]) -> tuple[str, list[str]]:
+    """(tiktoken pat_str, earlier stages split in Python). tiktoken drops text its pattern does
+    not match, while an isolating Split keeps it as a piece, so the last stage gets a branch
+    that takes such a run whole."""
+    if stages == [r"\p{N}", GPT2_PAT_STR]:
+        return DIGITS_PAT_STR, []  # the common digits-then-GPT-2 case in one pattern
+    last = stages[-1]
+    pat_str = last if last == GPT2_PAT_STR else f"(?:{last})|(?:(?!(?:{last}))[\\s\\S])+"
+    return pat_str, stages[:-1]
+
+
+def _build_hf_table(data: dict[str, Any], pat_str: str, path: Path) -> _Table:
+    model = data.get("model") or {}
+    if model.get("type") not in (None, "BPE") or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ModelFormatError(f"{path}: only byte-level BPE tokenizers are supported", "this tokenizer.json uses another model")
+    if data.get("normalizer"):
+        raise ModelFormatError(f"{path}: tokenizers with a normalizer are not supported", "byte-level BPE tokenizers have none")
+    vocab: dict[str, int] = model.get("vocab") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+    size = max([*vocab.values(), *added.values()], default=-1) + 1
+    tokens = [""] * size
+    kinds = [TOKEN_UNUSED] * size
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+        kinds[token_id] = TOKEN_NORMAL
+    for text, token_id in added.items():
+        # Every added token is a control token here: in user text it stays plain text.
+        tokens[token_id] = text
+        kinds[token_id] = TOKEN_CONTROL
+    return build_byte_level_table(tokens, kinds, merges, pat_str)
+
+
+def _read_json_if_present(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _slug_name(text: str) -> str:
+    from engine.gguf_file import _slug
+
+    return _slug(text)
 
 
 @lru_cache(maxsize=8)
@@ -508,10 +689,3 @@ def clear_memo() -> None:
         _file_memo.clear()
         _table_memo.clear()
 
-
-def vocab_digest(*parts: bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
-    return digest.hexdigest()

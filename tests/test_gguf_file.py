@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile
-from tinymodels import IM_END_ID, IM_START_ID, real_model_gguf, tiny_llama_weights, tiny_vocab, write_tiny_llama_gguf
+from tests.tinymodels import IM_END_ID, IM_START_ID, real_model_gguf, tiny_llama_weights, tiny_vocab, write_tiny_llama_gguf
 
 QUANTS = ["Q4_1", "Q8_0", "F32", "F16", "BF16"]
 
