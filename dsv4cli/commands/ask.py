@@ -1,0 +1,227 @@
+"""`dsv4 ask [SOURCE...] QUESTION`: pack the sources, ask the model, stream the answer.
+
+The prompt is the pack first and the question last, so the pack is a prefix that stays the
+same from one question to the next (the prefix cache's unit). The pack is fitted to what
+the model's context leaves after the system prompt, the question and --max-tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import typer
+from typer.core import TyperCommand
+
+from dsv4cli import render
+from dsv4cli.console import stdout_is_terminal
+from dsv4cli.errors import EXIT_USAGE, CliError
+from dsv4cli.inputs import AskInputs, resolve_ask_arguments
+from engine import paths
+from engine.events import Event, SamplingParams
+
+DEFAULT_MODEL = "mini"
+DEFAULT_SYSTEM = (
+    "You are dsv4, a helpful assistant for software developers. "
+    "Answer the question accurately and concisely, using the provided files when there are any."
+)
+DEFAULT_MAX_TOKENS = 512
+PACK_QUESTION_SEPARATOR = "\n\n"
+PACK_FORMATS = ("xml", "markdown", "plain")
+# Tokens kept free besides the counted template: BPE may merge across the pack/question join.
+_JOIN_SLACK_TOKENS = 8
+# Small models loop without a penalty (embedded-model.md); bigger ones are hurt by one.
+_DEFAULT_REPETITION_PENALTY = {"mini": 1.1}
+
+
+class LoadedModel(Protocol):
+    """What `dsv4 ask` needs from `engine.load(...)` (tests/fake_engine.py implements it too)."""
+
+    name: str
+    context_length: int
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams, **kwargs: Any) -> Iterator[Event]: ...
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    model: str = DEFAULT_MODEL
+    system: str | None = DEFAULT_SYSTEM
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    pack_format: str = "xml"
+    json_output: bool = False
+    verbose: bool = False
+
+
+def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
+    """Resolve the model (fetching it on first use, bars on stderr) and load it.
+    The seam CLI tests replace with a fake model."""
+    from engine import store
+
+    with render.transfer_progress() as progress:
+        ref = store.resolve_model(name_or_path, fetch=True, progress=progress, note=render.note)
+    with render.working(f"loading {ref.name}"):
+        import engine
+
+        return ref.name, engine.load(str(ref.path))
+
+
+class _AskCommand(TyperCommand):
+    """Typer spells a required variadic argument `{X}...`; say it the way the docs do."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return ["[OPTIONS]", "[SOURCE]... QUESTION"]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ask", cls=_AskCommand)
+    def ask(
+        arguments: list[str] = typer.Argument(
+            ..., metavar="[SOURCE]... QUESTION", help="Files, directories or '-' (stdin) to pack, then the question."
+        ),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", envvar="DSV4_MODEL", help="Alias (mini, flash, pro) or path."),
+        system: str = typer.Option(None, "--system", "-s", help="System prompt ('' for the model's own default)."),
+        max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Longest answer, in tokens."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens (0 = off)."),
+        repetition_penalty: float = typer.Option(
+            None, "--repetition-penalty", min=1.0, help="1 = off; default 1.1 for mini, 1 otherwise."
+        ),
+        seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+        pack_format: str = typer.Option("xml", "--format", help="Pack layout: xml, markdown or plain."),
+        json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, usage, timings)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Usage and timings on stderr."),
+    ) -> None:
+        """Ask a model a question, about files or piped text when given.
+
+        The last argument is the question; SOURCEs before it are packed first.
+        With no SOURCE, piped stdin is the context: git diff | dsv4 ask "review this"
+        """
+        options = AskOptions(
+            model=model,
+            system=DEFAULT_SYSTEM if system is None else (system or None),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            pack_format=pack_format,
+            json_output=json_output,
+            verbose=verbose,
+        )
+        run_ask(list(arguments or []), options)
+
+
+def run_ask(arguments: list[str], options: AskOptions) -> None:
+    if options.pack_format not in PACK_FORMATS:
+        raise _usage_error(f"--format must be one of {', '.join(PACK_FORMATS)}, not {options.pack_format!r}")
+    inputs = resolve_ask_arguments(arguments)
+    started = time.monotonic()
+    name, model = _open_model(options.model)
+    load_s = time.monotonic() - started
+
+    messages = _messages(model, inputs, options, name)
+    params = SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        repetition_penalty=options.repetition_penalty or _DEFAULT_REPETITION_PENALTY.get(name, 1.0),
+        seed=options.seed,
+    )
+    mode: render.AnswerMode = "json" if options.json_output else ("markdown" if stdout_is_terminal() else "plain")
+    view = render.AnswerView(mode, name)
+    with view:
+        events = model.chat(messages, params)
+        with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
+            for event in events:
+                view.handle(event)
+
+    if options.json_output:
+        print(render.json_answer(view.text, name, view.done), flush=True)
+    if view.done is not None and view.done.finish_reason == "length":
+        render.note(f"the answer stopped at --max-tokens {options.max_tokens}")
+    if options.verbose and view.done is not None:
+        render.print_stats(view.done, model=name, load_s=load_s)
+
+
+def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
+    """System prompt, then one user turn: the pack (fitted to the context), then the question."""
+    head = [{"role": "system", "content": options.system}] if options.system else []
+    question_only = head + [{"role": "user", "content": inputs.question}]
+    tokenizer = model.tokenizer
+    context = model.context_length
+    if not inputs.has_context:
+        prompt_tokens = len(tokenizer.render_chat(question_only))
+        _check_room(prompt_tokens, options.max_tokens, context, name)
+        return question_only
+
+    overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": PACK_QUESTION_SEPARATOR + inputs.question}]))
+    _check_room(overhead + _JOIN_SLACK_TOKENS, options.max_tokens, context, name)
+    budget = context - overhead - _JOIN_SLACK_TOKENS - options.max_tokens
+    result = _pack(inputs, options, tokenizer, budget, context, name)
+    return head + [{"role": "user", "content": result.text + PACK_QUESTION_SEPARATOR + inputs.question}]
+
+
+def _check_room(prompt_tokens: int, max_tokens: int, context: int, name: str) -> None:
+    if prompt_tokens + max_tokens > context:
+        raise CliError(
+            f"context too long: the prompt needs {prompt_tokens:,} tokens and --max-tokens {max_tokens:,} more, "
+            f"but {name} holds {context:,}",
+            "shorten the question or the system prompt, or lower --max-tokens",
+        )
+
+
+def _pack(inputs: AskInputs, options: AskOptions, tokenizer: Any, budget: int, context: int, name: str) -> Any:
+    import ingest
+    from ingest.budget import BudgetTooSmall
+
+    try:
+        with render.working("packing"):
+            result = ingest.pack(
+                list(inputs.sources),
+                options=ingest.PackOptions(format=options.pack_format, budget=budget),
+                tokenizer=tokenizer,
+                cache_dir=paths.cache_dir(),
+                stdin_text=inputs.stdin_text,
+            )
+    except BudgetTooSmall as exc:
+        raise CliError(
+            f"context too long: even reduced to file names, the sources do not fit the {budget:,} tokens "
+            f"{name}'s {context:,}-token context leaves ({exc})",
+            "ask about fewer files (a subdirectory, --max-tokens lower) or use a model with a longer context",
+        ) from None
+    for warning in result.warnings:
+        render.note(warning)
+    if result.reduced:
+        final = {r.path: r.after for r in result.reduced}  # a file may step full -> reduced -> listed
+        outlined = sum(1 for after in final.values() if after == "reduced")
+        listed = sum(1 for after in final.values() if after == "listed")
+        render.note(
+            f"the pack was fitted to {budget:,} tokens ({name} holds {context:,}): "
+            f"{outlined} file(s) reduced to an outline, {listed} listed by path only"
+            + ("" if options.verbose else " (-v lists them)")
+        )
+        if options.verbose:
+            for path, after in final.items():
+                render.note(f"  {path}: full -> {after}")
+    if options.verbose:
+        render.note(f"pack: {len(result.files)} file(s), {result.total_tokens:,} tokens")
+    return result
+
+
+def _usage_error(message: str) -> CliError:
+    return CliError(message, "see 'dsv4 ask --help'", exit_code=EXIT_USAGE)
