@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.budget import Candidate, Reduction, fit
-from ingest.errors import IngestError, SourceNotFound
+from ingest.errors import IngestError, NotAGitRepository, SourceNotFound
 from ingest.render import TailEntry, check_format, file_block, report_frame, report_line, tail_blocks
 from ingest.types import Document, ReadOptions, SelectOptions, Selection
 
@@ -155,6 +155,11 @@ def _units(sources: list[str | Path], options: PackOptions, cache_dir: Path | No
             units.append(_Unit(selection=None, prefix="", document_mode=True))
             continue
         selection = select(Path(source), options.select)
+        if options.select.recurse_submodules and selection.git_root is None:
+            raise NotAGitRepository(
+                f"{source} is not inside a git work tree",
+                "--recurse-submodules needs git; drop it to pack the directory as it is",
+            )
         warnings += selection.warnings
         single_file = not Path(source).is_dir()
         prefix = _display_prefix(Path(source), single_file) if several else ""

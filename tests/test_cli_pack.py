@@ -1,0 +1,143 @@
+"""`dsv4 pack` end to end in a subprocess: stdout is the payload, stderr the summary, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tinymodels import write_tiny_llama_gguf
+
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_tiny_llama_gguf(path)
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    root = tmp_path / "repo"
+    (root / "src").mkdir(parents=True)
+    (root / "README.md").write_text("# Demo\n")
+    (root / "src" / "app.py").write_text("def main():\n    return 1\n")
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (root / ".gitignore").write_text("*.log\n")
+    (root / "debug.log").write_text("noise\n")
+    env = {**os.environ, **_GIT_ENV}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
+        subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+def dsv4(*args: str, cwd: Path, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "DSV4_DEBUG": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsv4cli.app", *args], cwd=cwd, input=stdin,
+                          capture_output=True, env=environment, timeout=120)
+
+
+def test_pack_prints_only_the_pack_and_a_summary_on_stderr(repo, tiny_gguf, tmp_path):
+    summary = tmp_path / "summary.json"
+    result = dsv4("pack", "--model", str(tiny_gguf), "--summary-json", str(summary), cwd=repo)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert out.startswith("<file path=")
+    assert '<file path="src/app.py">\ndef main():\n    return 1\n</file>\n' in out
+    assert "debug.log" not in out                      # ignored by .gitignore
+    assert "- logo.png (listed: binary)" in out
+    err = result.stderr.decode()
+    assert "tokens" in err and "\x1b[" not in err      # no colours outside a terminal
+    data = json.loads(summary.read_text())
+    assert set(data) == {"total_tokens", "tokenizer", "files"}
+    from engine.tokenizer import Tokenizer
+
+    assert data["total_tokens"] == Tokenizer.from_gguf(tiny_gguf).count(out)
+    assert data["tokenizer"] == "tiny-llama-test"
+    by_path = {f["path"]: f for f in data["files"]}
+    assert by_path["logo.png"] == {"path": "logo.png", "status": "listed", "reason": "binary", "tokens": 0}
+    assert by_path["src/app.py"]["status"] == "full" and by_path["src/app.py"]["tokens"] > 0
+
+
+def test_list_prints_paths_in_pack_order_and_nothing_else(repo, tmp_path):
+    result = dsv4("pack", "--list", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [".gitignore", "README.md", "logo.png", "src/app.py"]
+    assert result.stderr == b""
+    narrowed = dsv4("pack", "src", "--list", "--exclude", "*.md", cwd=repo)
+    assert narrowed.stdout.decode().splitlines() == ["app.py"]
+
+
+def test_output_file_stdin_and_files_from(repo, tiny_gguf, tmp_path):
+    target = tmp_path / "out.md"
+    result = dsv4("pack", "--model", str(tiny_gguf), "--format", "markdown", "-o", str(target), cwd=repo)
+    assert result.returncode == 0 and result.stdout == b""
+    assert target.read_text().startswith("## ")
+    piped = dsv4("pack", "-", "--model", str(tiny_gguf), cwd=repo, stdin=b"some text\n")
+    assert piped.stdout.decode().startswith('<file path="stdin">\nsome text\n</file>\n')
+    listed = dsv4("pack", "--files-from", "-", "--model", str(tiny_gguf), "--format", "plain", cwd=repo,
+                  stdin=b"src/app.py\0README.md\0")
+    out = listed.stdout.decode()
+    assert out.index("=== src/app.py ===") < out.index("=== README.md ===")
+
+
+def test_budget_fits_and_reports(repo, tiny_gguf, tmp_path):
+    summary = tmp_path / "s.json"
+    full = dsv4("pack", "--model", str(tiny_gguf), "--summary-json", str(summary), cwd=repo)
+    total = json.loads(summary.read_text())["total_tokens"]
+    fitted = dsv4("pack", "--model", str(tiny_gguf), "--budget", str(total - 20), "--summary-json", str(summary),
+                  cwd=repo)
+    assert fitted.returncode == 0, fitted.stderr
+    assert json.loads(summary.read_text())["total_tokens"] <= total - 20
+    assert b"budget" in fitted.stderr
+    assert len(fitted.stdout) < len(full.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pack", "missing-dir"], "no such file or directory"),
+        (["pack", "--budget", "5"], "--budget"),
+        (["pack", "--format", "yaml"], "unknown --format"),
+        (["pack", "--max-file-size", "lots"], "--max-file-size"),
+    ],
+)
+def test_errors_are_one_line(repo, tiny_gguf, args, message):
+    result = dsv4(*args, "--model", str(tiny_gguf), cwd=repo)
+    assert result.returncode != 0
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert result.stdout == b""
+
+
+def test_git_only_option_outside_git_is_an_error(tmp_path, tiny_gguf):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.txt").write_text("a\n")
+    result = dsv4("pack", "--recurse-submodules", "--model", str(tiny_gguf), cwd=plain)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("Error: ") and "git" in result.stderr.decode()
+
+
+def test_unknown_model_fails_clearly_without_network(repo, tmp_path):
+    result = dsv4("pack", "--model", str(tmp_path / "absent.gguf"), cwd=repo)
+    assert result.returncode == 1 and result.stderr.decode().startswith("Error: ")
+
+
+def test_pack_never_imports_torch(repo, tiny_gguf):
+    code = (
+        "import sys; from dsv4cli.app import main; "
+        f"code = main(['pack', '--model', {str(tiny_gguf)!r}, '-o', 'out.xml']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
