@@ -11,55 +11,59 @@ exactly as GGUFReader lays them out, so `gguf.quants.dequantize` takes them as t
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
-from gguf.quants import quant_shape_to_byte_shape
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.errors import ModelFormatError
 
-_SCALAR_FORMATS: dict[GGUFValueType, struct.Struct] = {
-    GGUFValueType.UINT8: struct.Struct("<B"),
-    GGUFValueType.INT8: struct.Struct("<b"),
-    GGUFValueType.UINT16: struct.Struct("<H"),
-    GGUFValueType.INT16: struct.Struct("<h"),
-    GGUFValueType.UINT32: struct.Struct("<I"),
-    GGUFValueType.INT32: struct.Struct("<i"),
-    GGUFValueType.FLOAT32: struct.Struct("<f"),
-    GGUFValueType.BOOL: struct.Struct("<?"),
-    GGUFValueType.UINT64: struct.Struct("<Q"),
-    GGUFValueType.INT64: struct.Struct("<q"),
-    GGUFValueType.FLOAT64: struct.Struct("<d"),
+if TYPE_CHECKING:  # numpy and gguf load only when tensors are touched: the tokenizer needs neither
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType
+
+GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
+DEFAULT_ALIGNMENT = 32
+
+
+class ValueType(IntEnum):
+    """GGUF metadata value types (fixed by the file format)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR_CODES: dict[ValueType, str] = {
+    ValueType.UINT8: "B",
+    ValueType.INT8: "b",
+    ValueType.UINT16: "H",
+    ValueType.INT16: "h",
+    ValueType.UINT32: "I",
+    ValueType.INT32: "i",
+    ValueType.FLOAT32: "f",
+    ValueType.BOOL: "?",
+    ValueType.UINT64: "Q",
+    ValueType.INT64: "q",
+    ValueType.FLOAT64: "d",
 }
-_NUMPY_DTYPES: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<u1",
-    GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4",
-    GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4",
-    GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8",
-}
-# Unquantised types get a typed view; every other type is raw bytes, as in GGUFReader.
-_PLAIN_TENSOR_DTYPES: dict[GGMLQuantizationType, type[np.generic]] = {
-    GGMLQuantizationType.F32: np.float32,
-    GGMLQuantizationType.F16: np.float16,
-    GGMLQuantizationType.F64: np.float64,
-    GGMLQuantizationType.I8: np.int8,
-    GGMLQuantizationType.I16: np.int16,
-    GGMLQuantizationType.I32: np.int32,
-    GGMLQuantizationType.I64: np.int64,
-}
+_SCALAR_FORMATS = {t: struct.Struct("<" + code) for t, code in _SCALAR_CODES.items()}
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# String arrays this long are decoded on first use: the tokenizer's cached path only hashes them.
+_LAZY_STRING_ARRAY = 1024
 
 # Metadata keys whose raw bytes identify a tokenizer (the digest that names its cache entry).
 _TOKENIZER_IDENTITY_KEYS = (
@@ -81,10 +85,12 @@ class GGUFTensor(NamedTuple):
 
     def dequantize(self) -> np.ndarray:
         """float32 values in `shape` (copies; quantised types go through gguf.quants)."""
-        if self.ggml_type == GGMLQuantizationType.F32:
-            return np.array(self.data, dtype=np.float32).reshape(self.shape)
+        import numpy as np
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        if self.ggml_type == GGMLQuantizationType.F32:
+            return np.array(self.data, dtype=np.float32).reshape(self.shape)
         return np.asarray(dequantize(self.data, self.ggml_type), dtype=np.float32).reshape(self.shape)
 
 
@@ -109,29 +115,43 @@ class TokenizerSpec:
 
 
 class _Field(NamedTuple):
-    value_type: GGUFValueType
-    item_type: GGUFValueType | None  # for arrays
     start: int  # offset of the value's bytes (after the type tag) in the file
     end: int
+
+
+class _LazyStrings(NamedTuple):
+    start: int  # first (length, bytes) item
+    count: int
+
+
+class _TensorInfo(NamedTuple):
+    name: str
+    dims: tuple[int, ...]  # GGUF order: fastest-varying first
+    type_code: int
+    offset: int  # from the start of the data section
 
 
 class GGUFFile:
     """A GGUF file opened read-only and memory-mapped.
 
     `.metadata` holds every key/value decoded (strings as str, arrays as lists);
-    `.tensors` maps tensor names to GGUFTensor in file order.
+    `.tensors` maps tensor names to GGUFTensor in file order (built on first use).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, mode="r")
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"cannot open GGUF file {self.path}: {exc}", "check that the file exists and is readable") from exc
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ModelFormatError(f"cannot open GGUF file {self.path}: {reason}", "check that the file exists and is a complete download") from exc
         self._buf = memoryview(self._map)
         self._fields: dict[str, _Field] = {}
-        self.metadata: dict[str, Any] = {}
-        self.tensors: dict[str, GGUFTensor] = {}
+        self._values: dict[str, Any] = {}
+        self._tensor_infos: list[_TensorInfo] = []
+        self._tensors: dict[str, GGUFTensor] | None = None
+        self._metadata: dict[str, Any] | None = None
         try:
             self._parse()
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
@@ -156,33 +176,35 @@ class GGUFFile:
         offset = 24
         for _ in range(kv_count):
             key, offset = self._read_str(offset)
-            value_type = GGUFValueType(_U32.unpack_from(buf, offset)[0])
+            value_type = ValueType(_U32.unpack_from(buf, offset)[0])
             offset += 4
             if key in self._fields:
                 raise ModelFormatError(f"{self.path.name}: duplicate metadata key {key!r}")
-            value, end, item_type = self._read_value(offset, value_type)
-            self._fields[key] = _Field(value_type, item_type, offset, end)
-            self.metadata[key] = value
+            value, end = self._read_value(offset, value_type)
+            self._fields[key] = _Field(offset, end)
+            self._values[key] = value
             offset = end
 
-        infos = []
+        names = set()
         for _ in range(tensor_count):
             name, offset = self._read_str(offset)
             (n_dims,) = _U32.unpack_from(buf, offset)
             dims = struct.unpack_from(f"<{n_dims}Q", buf, offset + 4)
             offset += 4 + 8 * n_dims
-            raw_type, data_offset = struct.unpack_from("<IQ", buf, offset)
+            type_code, data_offset = struct.unpack_from("<IQ", buf, offset)
             offset += 12
-            infos.append((name, dims, GGMLQuantizationType(raw_type), data_offset))
+            if name in names:
+                raise ModelFormatError(f"{self.path.name}: duplicate tensor {name!r}")
+            names.add(name)
+            self._tensor_infos.append(_TensorInfo(name, tuple(int(d) for d in dims), type_code, int(data_offset)))
 
-        alignment = int(self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = self._values.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ModelFormatError(f"{self.path.name}: invalid general.alignment {alignment}")
         self.data_offset = -(-offset // alignment) * alignment
-        for name, dims, ggml_type, data_offset in infos:
-            if name in self.tensors:
-                raise ModelFormatError(f"{self.path.name}: duplicate tensor {name!r}")
-            self.tensors[name] = self._tensor_view(name, dims, ggml_type, self.data_offset + data_offset)
+        last_start = max((self.data_offset + t.offset for t in self._tensor_infos), default=self.data_offset)
+        if last_start > len(buf):
+            raise ModelFormatError(f"{self.path.name}: tensor data runs past the end of the file", "the download may be truncated; fetch the model again")
 
     def _read_str(self, offset: int) -> tuple[str, int]:
         (length,) = _U64.unpack_from(self._buf, offset)
@@ -191,86 +213,151 @@ class GGUFFile:
             raise ValueError("string runs past the end of the file")
         return str(self._buf[offset + 8 : end], "utf-8"), end
 
-    def _read_value(self, offset: int, value_type: GGUFValueType) -> tuple[Any, int, GGUFValueType | None]:
+    def _read_value(self, offset: int, value_type: ValueType) -> tuple[Any, int]:
         buf = self._buf
-        if value_type == GGUFValueType.STRING:
-            text, end = self._read_str(offset)
-            return text, end, None
+        if value_type == ValueType.STRING:
+            return self._read_str(offset)
         scalar = _SCALAR_FORMATS.get(value_type)
         if scalar is not None:
-            return scalar.unpack_from(buf, offset)[0], offset + scalar.size, None
-        if value_type != GGUFValueType.ARRAY:
+            return scalar.unpack_from(buf, offset)[0], offset + scalar.size
+        if value_type != ValueType.ARRAY:
             raise ValueError(f"unknown metadata value type {value_type}")
-        item_type = GGUFValueType(_U32.unpack_from(buf, offset)[0])
+        item_type = ValueType(_U32.unpack_from(buf, offset)[0])
         (count,) = _U64.unpack_from(buf, offset + 4)
         offset += 12
-        if item_type == GGUFValueType.STRING:
-            # A tight loop over (u64 length, bytes) pairs: ~25 ms for 49k tokens.
-            items: list[str] = []
-            append = items.append
-            unpack_u64 = _U64.unpack_from
-            for _ in range(count):
-                (length,) = unpack_u64(buf, offset)
-                append(str(buf[offset + 8 : offset + 8 + length], "utf-8"))
-                offset += 8 + length
-            return items, offset, item_type
-        dtype = _NUMPY_DTYPES.get(item_type)
-        if dtype is not None:
-            array = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-            return array.tolist(), offset + array.nbytes, item_type
-        if item_type == GGUFValueType.ARRAY:  # nested arrays: rare, decode one by one
+        if item_type == ValueType.STRING:
+            if count >= _LAZY_STRING_ARRAY:
+                return _LazyStrings(offset, count), self._skip_strings(offset, count)
+            return self._decode_strings(offset, count), self._skip_strings(offset, count)
+        code = _SCALAR_CODES.get(item_type)
+        if code is not None:
+            items = struct.unpack_from(f"<{count}{code}", buf, offset)
+            return list(items), offset + struct.calcsize(f"<{count}{code}")
+        if item_type == ValueType.ARRAY:  # nested arrays: rare, decode one by one
             nested = []
             for _ in range(count):
-                value, offset, _ = self._read_value(offset, GGUFValueType.ARRAY)
-                nested.append(value)
-            return nested, offset, item_type
+                value, offset = self._read_value(offset, ValueType.ARRAY)
+                nested.append(self._decoded(value))
+            return nested, offset
         raise ValueError(f"unknown array item type {item_type}")
 
-    def _tensor_view(self, name: str, dims: tuple[int, ...], ggml_type: GGMLQuantizationType, start: int) -> GGUFTensor:
-        shape = tuple(int(d) for d in reversed(dims))  # GGUF lists the fastest dimension first
-        n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
-        plain = _PLAIN_TENSOR_DTYPES.get(ggml_type)
+    def _skip_strings(self, offset: int, count: int) -> int:
+        unpack_u64 = _U64.unpack_from
+        buf = self._buf
+        for _ in range(count):
+            offset += 8 + unpack_u64(buf, offset)[0]
+        if offset > len(buf):
+            raise ValueError("string array runs past the end of the file")
+        return offset
+
+    def _decode_strings(self, offset: int, count: int) -> list[str]:
+        # A tight loop over (u64 length, bytes) pairs: ~25 ms for 49k tokens.
+        items: list[str] = []
+        append = items.append
+        unpack_u64 = _U64.unpack_from
+        buf = self._buf
+        for _ in range(count):
+            (length,) = unpack_u64(buf, offset)
+            append(str(buf[offset + 8 : offset + 8 + length], "utf-8"))
+            offset += 8 + length
+        return items
+
+    def _decoded(self, value: Any) -> Any:
+        if isinstance(value, _LazyStrings):
+            return self._decode_strings(value.start, value.count)
+        return value
+
+    # ---- tensors -------------------------------------------------------------------------
+
+    @property
+    def tensors(self) -> dict[str, GGUFTensor]:
+        if self._tensors is None:
+            self._tensors = {info.name: self._tensor_view(info) for info in self._tensor_infos}
+        return self._tensors
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [info.name for info in self._tensor_infos]
+
+    def _tensor_view(self, info: _TensorInfo) -> GGUFTensor:
+        import numpy as np
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        plain_dtypes = {
+            GGMLQuantizationType.F32: np.float32,
+            GGMLQuantizationType.F16: np.float16,
+            GGMLQuantizationType.F64: np.float64,
+            GGMLQuantizationType.I8: np.int8,
+            GGMLQuantizationType.I16: np.int16,
+            GGMLQuantizationType.I32: np.int32,
+            GGMLQuantizationType.I64: np.int64,
+        }
+        try:
+            ggml_type = GGMLQuantizationType(info.type_code)
+        except ValueError as exc:
+            raise ModelFormatError(f"{self.path.name}: tensor {info.name} has unknown GGML type {info.type_code}", "update the gguf package") from exc
+        shape = tuple(reversed(info.dims))  # torch order: [out, in]
+        n_elements = 1
+        for d in info.dims:
+            n_elements *= d
+        plain = plain_dtypes.get(ggml_type)
         if plain is not None:
             dtype: Any = plain
             count = n_elements
             view_shape = shape
         else:
+            # Quantised (and BF16) data as raw bytes, shaped as GGUFReader shapes it.
             block_size, type_size = GGML_QUANT_SIZES[ggml_type]
             if shape and shape[-1] % block_size:
-                raise ModelFormatError(f"{self.path.name}: tensor {name} row of {shape[-1]} is not a whole number of {ggml_type.name} blocks")
+                raise ModelFormatError(f"{self.path.name}: tensor {info.name} row of {shape[-1]} is not a whole number of {ggml_type.name} blocks")
             dtype = np.uint8
             count = n_elements // block_size * type_size
             view_shape = tuple(quant_shape_to_byte_shape(shape, ggml_type))
-        end = start + count * np.dtype(dtype).itemsize
-        if end > len(self._map):
-            raise ModelFormatError(f"{self.path.name}: tensor {name} runs past the end of the file", "the download may be truncated; fetch the model again")
-        data = np.frombuffer(self._buf, dtype=dtype, count=count, offset=start).reshape(view_shape)
+        start = self.data_offset + info.offset
+        if start + count * np.dtype(dtype).itemsize > len(self._buf):
+            raise ModelFormatError(f"{self.path.name}: tensor {info.name} runs past the end of the file", "the download may be truncated; fetch the model again")
+        data = np.frombuffer(self._map, dtype=dtype, count=count, offset=start).reshape(view_shape)
         return GGUFTensor(shape, ggml_type, data)
 
     # ---- accessors -----------------------------------------------------------------------
 
     @property
     def architecture(self) -> str:
-        arch = self.metadata.get("general.architecture")
+        arch = self.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFormatError(f"{self.path.name} has no general.architecture", "this GGUF is incomplete")
         return arch
 
+    @property
+    def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            self._metadata = {key: self._decoded(value) for key, value in self._values.items()}
+        return self._metadata
+
     def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
+        """One value, decoding only that key (cheap even before `.metadata` is built)."""
+        if self._metadata is not None:
+            return self._metadata.get(key, default)
+        if key not in self._values:
+            return default
+        return self._decoded(self._values[key])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
 
     def require(self, key: str) -> Any:
         """A metadata value that must be present; a clear error when it is not."""
-        if key not in self.metadata:
+        if key not in self._values:
             raise ModelFormatError(f"{self.path.name} lacks the metadata key {key!r}", "this GGUF is incomplete or for another architecture")
-        return self.metadata[key]
+        return self.get(key)
 
     def arch_param(self, name: str, default: Any = ...) -> Any:
         """`<architecture>.<name>`, e.g. arch_param("block_count")."""
         key = f"{self.architecture}.{name}"
         if default is ...:
             return self.require(key)
-        return self.metadata.get(key, default)
+        return self.get(key, default)
 
     def raw_value_bytes(self, key: str) -> bytes:
         """The value's bytes as stored (after its type tag); empty when the key is absent."""
@@ -289,13 +376,13 @@ class GGUFFile:
 
     def model_name(self) -> str:
         """A stable, readable name: basename-size-finetune when present, else general.name."""
-        meta = self.metadata
+        meta = self
         parts = [meta.get("general.basename"), meta.get("general.size_label"), meta.get("general.finetune")]
         name = "-".join(str(p) for p in parts if p) if meta.get("general.basename") else meta.get("general.name") or self.path.stem
         return _slug(str(name))
 
     def tokenizer_spec(self) -> TokenizerSpec:
-        meta = self.metadata
+        meta = self
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(model, str) or not isinstance(tokens, list):

@@ -279,7 +279,7 @@ class Tokenizer:
         from engine.gguf_file import GGUFFile
 
         gguf_file = GGUFFile(path)
-        meta = gguf_file.metadata
+        meta = gguf_file  # .get decodes single keys; the vocabulary only when the table is derived
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ModelFormatError(
@@ -620,7 +620,7 @@ def _special_splitter(names: tuple[str, ...]) -> Any:
 
 
 def _tokenizer_name(gguf_file: Any) -> str:
-    meta = gguf_file.metadata
+    meta = gguf_file
     if meta.get("general.basename"):
         from engine.gguf_file import _slug
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import gguf
@@ -117,12 +119,29 @@ def test_not_a_gguf_and_truncated_files_fail_clearly(tmp_path, tiny_files):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFormatError, match="truncated|past the end"):
         GGUFFile(truncated)
+    last_tensor_cut = tmp_path / "last.gguf"
+    last_tensor_cut.write_bytes(data[:-8])
+    with pytest.raises(ModelFormatError, match="output_norm.weight runs past the end"):
+        GGUFFile(last_tensor_cut).tensors
     header_cut = tmp_path / "header.gguf"
     header_cut.write_bytes(data[:5000])
     with pytest.raises(ModelFormatError):
         GGUFFile(header_cut)
     with pytest.raises(ModelFormatError, match="cannot open"):
         GGUFFile(tmp_path / "absent.gguf")
+
+
+def test_metadata_reading_needs_neither_numpy_nor_torch(tiny_files):
+    # `dsv4 pack` reads the tokenizer through this module; it must stay light to import.
+    code = (
+        "import sys; from engine.gguf_file import GGUFFile; from engine.tokenizer import Tokenizer; "
+        f"f = GGUFFile({str(tiny_files['Q4_1'])!r}); f.tokenizer_spec(); f.metadata; "
+        f"Tokenizer.from_gguf({str(tiny_files['Q4_1'])!r}).encode('x = 1'); "
+        "bad = [m for m in ('numpy', 'torch', 'gguf') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr + result.stdout
 
 
 @pytest.mark.model
