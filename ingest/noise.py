@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ingest.select import regular_file
+from ingest.gitpatterns import attribute_pattern, regular_file
 from ingest.types import Selection
 
 LOCK_FILES = frozenset({
@@ -232,7 +232,7 @@ def _parse_attributes_file(file: str) -> list[tuple[re.Pattern[str], dict[str, s
             if name in LINGUIST:
                 assignments[name] = value
         if assignments:
-            rules.append((_attribute_pattern(pattern), assignments))
+            rules.append((attribute_pattern(pattern), assignments))
     return rules
 
 
@@ -254,63 +254,3 @@ def _split_pattern(line: str) -> tuple[str, str]:
         pattern, _, more = pattern.partition("\t")
         rest = more + " " + rest
     return pattern, rest
-
-
-def _attribute_pattern(pattern: str) -> re.Pattern[str]:
-    """gitattributes patterns match like gitignore patterns, except that they never match
-    the contents of a matching directory (`dir/` matches nothing; `dir/**` is the idiom)."""
-    if pattern.endswith("/"):
-        return re.compile(r"(?!)")
-    anchored = "/" in pattern
-    pattern = pattern.lstrip("/") if anchored else pattern
-    body = _wildmatch(pattern)
-    return re.compile(body if anchored else r"(?:.*/)?" + body, re.DOTALL)
-
-
-def _wildmatch(pattern: str) -> str:
-    """Translate git's wildmatch (with FNM_PATHNAME) into a regular expression."""
-    out: list[str] = []
-    index, length = 0, len(pattern)
-    while index < length:
-        char = pattern[index]
-        if char == "*":
-            stars = index
-            while index < length and pattern[index] == "*":
-                index += 1
-            double = index - stars >= 2
-            at_start = stars == 0 or pattern[stars - 1] == "/"
-            at_end = index == length or pattern[index] == "/"
-            if double and at_start and at_end:
-                if index == length:
-                    out.append(".*")                    # 'dir/**': everything inside
-                else:
-                    out.append("(?:.*/)?")              # '**/': zero or more directories
-                    index += 1
-            else:
-                out.append("[^/]*")
-            continue
-        if char == "?":
-            out.append("[^/]")
-        elif char == "[":
-            end = index + 1
-            if end < length and pattern[end] in "!^":
-                end += 1
-            if end < length and pattern[end] == "]":
-                end += 1
-            while end < length and pattern[end] != "]":
-                end += 1
-            if end >= length:
-                out.append(re.escape(char))
-            else:
-                inside = pattern[index + 1:end]
-                if inside[:1] in ("!", "^"):
-                    inside = "^" + inside[1:]
-                out.append("(?!/)[" + inside.replace("\\", "\\\\") + "]")
-                index = end
-        elif char == "\\" and index + 1 < length:
-            index += 1
-            out.append(re.escape(pattern[index]))
-        else:
-            out.append(re.escape(char))
-        index += 1
-    return "".join(out)

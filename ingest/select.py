@@ -11,14 +11,13 @@ a symlink's target may be read (a regular file inside SOURCE) is decided by read
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
 from ingest.errors import IngestError, SourceNotFound, SourcePermissionDenied
+from ingest.gitpatterns import IgnoreRules, regular_file
 from ingest.types import SelectOptions, Selection
 
 DSV4IGNORE = ".dsv4ignore"
@@ -26,83 +25,9 @@ GITIGNORE = ".gitignore"
 GITLINK_MODE = "160000"
 
 
-# --------------------------------------------------------------------------- ignore rules
-
-
-class IgnoreRules:
-    """Ignore files in gitignore syntax found at several levels of a tree.
-
-    Each file's patterns apply relative to its own directory. As in git, the deepest file
-    with a matching pattern decides, and within one file the last matching pattern wins.
-    A directory in `boundaries` (a nested repository) does not inherit rules from above.
-    """
-
-    def __init__(self) -> None:
-        self._specs: dict[str, GitIgnoreSpec] = {}   # '' or 'a/b/' -> patterns of that dir
-        self.boundaries: set[str] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self._specs)
-
-    def add(self, directory: str, lines: Iterable[str]) -> None:
-        spec = GitIgnoreSpec.from_lines(list(lines))
-        if len(spec):
-            self._specs[directory] = spec
-
-    def add_file(self, directory: str, file: str, warnings: list[str]) -> None:
-        try:
-            with open(file, "rb") as handle:
-                text = handle.read().decode("utf-8", "replace")
-        except OSError as error:
-            warnings.append(f"could not read {directory}{os.path.basename(file)}: "
-                            f"{error.strerror or error}")
-            return
-        self.add(directory, text.splitlines())
-
-    def decision(self, path: str, is_dir: bool) -> bool | None:
-        """True: ignored, False: re-included by a negation, None: no pattern matched."""
-        if not self._specs:
-            return None
-        candidate = path + "/" if is_dir else path
-        directory = candidate.rstrip("/").rpartition("/")[0]
-        while True:
-            prefix = directory + "/" if directory else ""
-            spec = self._specs.get(prefix)
-            if spec is not None:
-                include = spec.check_file(candidate[len(prefix):]).include
-                if include is not None:
-                    return include
-            if prefix in self.boundaries or not directory:
-                return None
-            directory = directory.rpartition("/")[0]
-
-    def ignores(self, path: str, is_dir: bool) -> bool:
-        return self.decision(path, is_dir) is True
-
-    def ignores_with_parents(self, path: str, cache: dict[str, bool]) -> bool:
-        """A file is ignored when it or any directory above it is (git never descends into an
-        ignored directory, so a negation cannot bring back a file below one)."""
-        parts = path.split("/")
-        for depth in range(1, len(parts)):
-            directory = "/".join(parts[:depth])
-            hidden = cache.get(directory)
-            if hidden is None:
-                hidden = cache[directory] = self.ignores(directory, True)
-            if hidden:
-                return True
-        return self.ignores(path, False)
-
-
-def regular_file(path: str) -> bool:
-    """A regular file, not a symlink: like git, ignore and attribute files are never read
-    through a symlink (which could point out of SOURCE)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _globs(patterns: tuple[str, ...]) -> GitIgnoreSpec | None:
+    """--include/--exclude globs match whole paths relative to SOURCE, which is what
+    pathspec's GitIgnoreSpec is built for."""
     return GitIgnoreSpec.from_lines(list(patterns)) if patterns else None
 
 
@@ -130,7 +55,7 @@ def select(source: Path, options: SelectOptions = SelectOptions()) -> Selection:
     if listing is None:
         listing = _walk(root, options, warnings)
 
-    paths, submodules = _narrow(listing, options)
+    paths, submodules = _narrow(listing, options, warnings)
     untracked = frozenset(p for p in paths if p in listing.untracked)
     return Selection(
         root=root,
@@ -158,17 +83,17 @@ class _Listing:
     rules_prefix: str = ""          # .dsv4ignore rules match rules_prefix + path
 
 
-def _narrow(listing: _Listing, options: SelectOptions) -> tuple[list[str], list[str]]:
+def _narrow(listing: _Listing, options: SelectOptions,
+            warnings: list[str]) -> tuple[list[str], list[str]]:
     """Apply .dsv4ignore files and --include/--exclude; unique, byte-wise sorted."""
     # the walk applied .dsv4ignore on its way down; git mode looks the files up now
-    rules = None if listing.walked else _find_dsv4ignore(listing)
+    rules = None if listing.walked else _find_dsv4ignore(listing, warnings)
     includes, excludes = _globs(options.includes), _globs(options.excludes)
     parents: dict[str, bool] = {}
     prefix = listing.rules_prefix
 
     def keep(path: str, is_dir: bool) -> bool:
-        if rules and (rules.ignores_with_parents(prefix + path, parents)
-                      or (is_dir and rules.ignores(prefix + path, True))):
+        if rules and rules.ignores_with_parents(prefix + path, is_dir, parents):
             return False
         candidate = path + "/" if is_dir else path
         if excludes is not None and excludes.match_file(candidate):
@@ -182,7 +107,7 @@ def _narrow(listing: _Listing, options: SelectOptions) -> tuple[list[str], list[
     return paths, submodules
 
 
-def _find_dsv4ignore(listing: _Listing) -> IgnoreRules:
+def _find_dsv4ignore(listing: _Listing, warnings: list[str]) -> IgnoreRules:
     """Look up .dsv4ignore in every directory holding a selected file, and in the directories
     between the git work tree root and SOURCE (they apply to SOURCE too)."""
     rules = IgnoreRules()
@@ -201,8 +126,7 @@ def _find_dsv4ignore(listing: _Listing) -> IgnoreRules:
     while ancestors:
         directories.add(ancestors)
         ancestors = ancestors.rpartition("/")[0]
-    warnings: list[str] = []
-    for directory in directories:
+    for directory in sorted(directories):
         candidate = os.path.join(base, directory, DSV4IGNORE)
         if regular_file(candidate):
             rules.add_file(directory + "/" if directory else "", candidate, warnings)

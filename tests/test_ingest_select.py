@@ -429,3 +429,55 @@ def test_names_that_are_not_utf8(tmp_path: Path) -> None:
     assert select(tmp_path).paths == ["a.txt", name]
     assert select(tmp_path, WALK).paths == ["a.txt", name]
     assert read_document(tmp_path, name, ReadOptions()).text == "latin-1 name\n"
+
+
+WHITELIST_TREE: dict[str, str | bytes] = {
+    # ignore everything, then bring back directories and Python files (a common idiom)
+    ".gitignore": "*\n!*/\n!*.py\n!.gitignore\n",
+    "a.py": "x", "b.txt": "x", "pkg/c.py": "x", "pkg/d.json": "x",
+    "pkg/sub/.gitignore": "!*.json\n[xy].py\n?.md\n\\!bang.py\n",
+    "pkg/sub/e.json": "x", "pkg/sub/x.py": "x", "pkg/sub/z.py": "x", "pkg/sub/r.md": "x",
+    "pkg/sub/!bang.py": "x", "pkg/sub/bang.py": "x",
+}
+WHITELIST_EXPECTED = [".gitignore", "a.py", "pkg/c.py", "pkg/sub/.gitignore", "pkg/sub/bang.py",
+                      "pkg/sub/e.json", "pkg/sub/z.py"]
+
+
+def test_whitelist_idiom_and_wildcards_in_both_modes(tmp_path: Path) -> None:
+    init_repo(tmp_path, WHITELIST_TREE)
+    assert select(tmp_path).paths == WHITELIST_EXPECTED
+    assert select(tmp_path, WALK).paths == WHITELIST_EXPECTED
+
+
+DIFFERENTIAL_FILES = [
+    "a.py", "top.py", "sub/top.py", "a/keep", "a/z", "a/x/y/z", "b/q", "x/b/q", "c", "k/c/f",
+    "d/m/e", "d/m/n/e", "A.md", "b.md", "x.md", "xa.log", "ab.log", "f*.txt", "fx.txt",
+    "!bang", "sp ", "1.txt", "B.txt", "foo-bar", "foobar", "foo/bar", "deep/t",
+    "k/deep/keep/u", "k/deep/v", "d/f.txt", "e/g.txt", "sub/k.log", "sub/x/z", "sub/y.log",
+    ".hidden/q.py", "k/c.txt",
+]
+
+
+@pytest.mark.parametrize("root_rules,sub_rules", [
+    (["*", "!*/", "!*.py"], []),
+    (["*.txt", "!d/"], []),
+    (["/a/**/z", "b/**", "**/c", "d/*/e"], []),
+    (["[a-c]*.md", "[!x]?.log", "f\\*.txt", "\\!bang", "sp\\ "], []),
+    (["a/", "!a/keep"], []),
+    (["**/deep/**", "!**/deep/keep/**"], []),
+    (["*.py", "!/top.py"], ["top.py"]),
+    (["*.log", "x"], ["!*.log", "!x/"]),
+    (["[[:digit:]]*", "[[:upper:]]*"], []),
+    (["foo**bar", "k/*", "!k/c/"], ["/*", "!y.log"]),
+])
+def test_walk_agrees_with_git(tmp_path: Path, root_rules: list[str],
+                              sub_rules: list[str]) -> None:
+    """git is the oracle: for each rule set, the pathspec-free walk must select what git does."""
+    files: dict[str, str | bytes] = {name: "x" for name in DIFFERENTIAL_FILES}
+    files[".gitignore"] = "\n".join(root_rules) + "\n"
+    if sub_rules:
+        files["sub/.gitignore"] = "\n".join(sub_rules) + "\n"
+    init_repo(tmp_path, files, commit=False)
+    by_git = select(tmp_path).paths
+    assert len(by_git) < len(files)     # the rules did hide something
+    assert select(tmp_path, WALK).paths == by_git
