@@ -8,6 +8,8 @@ from typing import Protocol
 class _DecodesBytes(Protocol):
     def id_to_bytes(self, token_id: int) -> bytes: ...
 
+    def is_special(self, token_id: int) -> bool: ...
+
 
 class StreamingDetokenizer:
     """Feed ids one at a time; each `add` returns the newly completed text (maybe "").
@@ -17,11 +19,14 @@ class StreamingDetokenizer:
     token completes them. Bytes that can never become valid UTF-8 are emitted as U+FFFD.
     """
 
-    def __init__(self, tokenizer: _DecodesBytes):
+    def __init__(self, tokenizer: _DecodesBytes, *, skip_special: bool = False):
         self._tokenizer = tokenizer
+        self._skip_special = skip_special  # leave control tokens (<|im_end|>, <file_sep>) out of the text
         self._pending = b""
 
     def add(self, token_id: int) -> str:
+        if self._skip_special and self._tokenizer.is_special(token_id):
+            return ""
         data = self._pending + self._tokenizer.id_to_bytes(token_id)
         keep = _incomplete_tail_length(data)
         self._pending = data[len(data) - keep :] if keep else b""

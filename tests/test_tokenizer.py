@@ -206,6 +206,19 @@ def test_chat_control_tokens_come_only_from_the_template(tiny):
     assert tiny.encode(user_turn) in runs
 
 
+def test_chat_ids_equal_reference_with_specials_parsed_when_contents_are_benign(tiny, tiny_path):
+    reference = reference_tokenizer(tiny_path)
+    reference.encode_special_tokens = False  # parse control tokens, as llama.cpp does for a prompt
+    conversations = [
+        [{"role": "user", "content": "  What is 2+2?\n\n"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "def f(x):\n    return x  # 中文 🙂"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " 42 "}, {"role": "user", "content": "\tmore\r\n"}],
+    ]
+    for messages in conversations:
+        text = tiny.render_chat_text(messages)
+        assert tiny.render_chat(messages) == reference.encode(text, add_special_tokens=False).ids
+
+
 def test_chat_without_generation_prompt_and_with_system(tiny):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     ids = tiny.render_chat(messages, add_generation_prompt=False)
@@ -252,6 +265,14 @@ def test_detokenizer_flush_emits_a_dangling_prefix_as_replacement(tiny):
     assert detok.add(tiny.encode("the")[0]) == "the"
     assert detok.add(lone[0]) == ""
     assert detok.flush() == "\ufffd"
+
+
+def test_detokenizer_can_leave_control_tokens_out(tiny):
+    ids = [tiny.encode("the")[0], IM_END_ID, tiny.encode("the")[0]]
+    literal = StreamingDetokenizer(tiny)
+    assert "".join(literal.add(i) for i in ids) == "the<|im_end|>the"
+    quiet = StreamingDetokenizer(tiny, skip_special=True)
+    assert "".join(quiet.add(i) for i in ids) == "thethe"
 
 
 def _is_utf8(data: bytes) -> bool:
