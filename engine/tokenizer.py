@@ -168,7 +168,7 @@ def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], me
         seen[raw] = token_id
         id_bytes.append(raw)
 
-    _check_merge_order(tokens, merges, seen, special_tokens)
+    _check_merge_order(tokens, merges, special_tokens)
     # Tokens longer than one byte that no merge produces are unreachable for the reference BPE;
     # tiktoken would reach them by concatenation, so they leave the rank table.
     produced = _merge_results(merges)
@@ -188,7 +188,7 @@ def _merge_results(merges: Sequence[str]) -> set[str]:
     return results
 
 
-def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], seen: dict[bytes, int], specials: dict[str, int]) -> None:
+def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], specials: dict[str, int]) -> None:
     ids = {text: i for i, text in enumerate(tokens)}
     previous = -1
     for index, merge in enumerate(merges):
@@ -279,17 +279,15 @@ class Tokenizer:
         from engine.gguf_file import GGUFFile
 
         gguf_file = GGUFFile(path)
-        meta = gguf_file  # .get decodes single keys; the vocabulary only when the table is derived
-        model = meta.get("tokenizer.ggml.model")
+        # .get decodes single keys: the vocabulary is decoded only when the table must be derived.
+        model = gguf_file.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ModelFormatError(
                 f"{path.name}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')",
                 "use a model with a byte-level BPE tokenizer",
             )
         digest = gguf_file.tokenizer_digest()
-        pre = meta.get("tokenizer.ggml.pre")
-
-        pat_str = pattern_for_pre(pre)
+        pat_str = pattern_for_pre(gguf_file.get("tokenizer.ggml.pre"))
 
         def derive() -> _Table:
             spec = gguf_file.tokenizer_spec()
@@ -298,7 +296,7 @@ class Tokenizer:
         table = _load_or_build_table(digest, pat_str, derive)
 
         def token_id(key: str) -> int | None:
-            value = meta.get(key)
+            value = gguf_file.get(key)
             return int(value) if value is not None else None
 
         tokenizer = cls(
@@ -310,8 +308,8 @@ class Tokenizer:
             eos_id=token_id("tokenizer.ggml.eos_token_id"),
             pad_id=token_id("tokenizer.ggml.padding_token_id"),
             unk_id=token_id("tokenizer.ggml.unknown_token_id"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-            chat_template=meta.get("tokenizer.chat_template"),
+            add_bos=bool(gguf_file.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=gguf_file.get("tokenizer.chat_template"),
             extra_stop_ids=[i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None],
         )
         with _memo_lock:
