@@ -384,3 +384,42 @@ def test_three_thousand_files_read_quickly(tmp_path: Path) -> None:
     assert len(documents) == 3001
     assert sum(d.reason == "linguist-generated" for d in documents) == 100
     assert elapsed < 5.0, f"select + read of 3,000 files took {elapsed:.2f} s"
+
+
+def test_attributes_from_above_a_subdirectory_source(tmp_path: Path) -> None:
+    put(tmp_path, ".gitattributes", "sub/gen/** linguist-generated\n")
+    put(tmp_path, "sub/gen/a.py", "x\n")
+    put(tmp_path, "sub/b.py", "x\n")
+    repo = git.Repo.init(tmp_path)
+    repo.git.add(A=True)
+    repo.git.commit("-q", "-m", "init")
+    selection = select(tmp_path / "sub")
+    attributes = load_attributes(selection)
+    assert (attributes.reason("gen/a.py"), attributes.reason("b.py")) == ("linguist-generated", None)
+
+
+def test_attributes_inside_a_recursed_submodule(tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    put(library, ".gitattributes", "*.js linguist-vendored\n")
+    put(library, "lib.js", "var a;\n")
+    put(library, "lib.py", "a = 1\n")
+    repo = git.Repo.init(library)
+    repo.git.add(A=True)
+    repo.git.commit("-q", "-m", "init")
+    main = tmp_path / "main"
+    put(main, "app.js", "var b;\n")
+    repo = git.Repo.init(main)
+    repo.git.execute(["git", "-c", "protocol.file.allow=always", "submodule", "add", "-q",
+                      str(library), "vendor/library"])
+    repo.git.add(A=True)
+    repo.git.commit("-q", "-m", "init")
+    selection = select(main, SelectOptions(recurse_submodules=True))
+    attributes = load_attributes(selection)
+    marked = {p: attributes.reason(p) for p in selection.paths if attributes.reason(p)}
+    assert marked == {"vendor/library/lib.js": "linguist-vendored"}
+
+
+def test_empty_file_is_full_and_empty(tmp_path: Path) -> None:
+    document = read(tmp_path, "__init__.py", b"")
+    assert (document.status, document.text, document.size) == ("full", "", 0)
+    assert document.digest == hashlib.sha256(b"").hexdigest()
