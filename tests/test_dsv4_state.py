@@ -170,3 +170,22 @@ def test_pro_kv_is_at_most_11_percent_of_v32():
     assert kv_growth_per_token(pro, fmt_pro["fp8"]) / v32_fp8 == pytest.approx(0.115, abs=0.001)
     assert v32_bf16 == 78_324
     assert kv_bytes(pro, MILLION, fmt_pro["bf16"]).compressed / 2**30 == pytest.approx(9.62, abs=0.005)
+
+
+@torch.no_grad()
+def test_generation_loop_hooks(tiny):
+    """What the shared loop calls: new_state, forward(last_only), length, reset, restore_state."""
+    tokens = ids(1, 30, seed=5)
+    full = tiny(tokens)
+    state = tiny.new_state(1, max_len=64)
+    last = tiny(tokens[:, :20], state, last_only=True)
+    assert last.shape == (1, 1, 512) and state.length == 20
+    assert torch.allclose(last, full[:, 19:20], atol=ATOL)
+    saved, meta = state.export()
+    state.reset()
+    assert state.length == 0 and state.nbytes == tiny.new_state(1).nbytes
+    assert torch.allclose(tiny(tokens, state), full, atol=ATOL)  # a reset state is a fresh one
+    again = tiny.restore_state(saved, meta)
+    assert torch.allclose(tiny(tokens[:, 20:], again), full[:, 20:], atol=ATOL)
+    with pytest.raises(ValueError, match="start_pos"):
+        tiny(tokens[:, :1], again, 3)

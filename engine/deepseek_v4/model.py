@@ -210,8 +210,17 @@ class Transformer(nn.Module):
         n_main = args.num_hidden_layers
         self.mtp = nn.ModuleList(MTPBlock(args, n_main + i, simulate) for i in range(args.num_nextn_predict_layers))
 
-    def new_state(self, batch: int = 1) -> DSV4State:
+    def new_state(self, batch: int = 1, max_len: int | None = None) -> DSV4State:
+        """An empty state. It grows with the context, so `max_len` (the shared loop's
+        preallocation hint) only checks the limit."""
+        if max_len is not None and max_len > self.args.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {self.args.max_position_embeddings}")
         return DSV4State.empty(self.args, batch, dtype=self.dtype, device=self.head.weight.device)
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> DSV4State:
+        """A state from `DSV4State.export()` output, on this model's device and dtype."""
+        device = self.head.weight.device
+        return DSV4State.restore(self.args, {k: v.to(device) for k, v in tensors.items()}, meta)
 
     def hidden_streams(
         self, tokens: torch.Tensor, state: DSV4State, start_pos: int, attn_impl: str = "sparse"
@@ -228,23 +237,28 @@ class Transformer(nn.Module):
         state.pos = start_pos + tokens.shape[1]
         return h
 
+    @torch.no_grad()
     def forward(
         self,
         tokens: torch.Tensor,
         state: DSV4State | None = None,
         start_pos: int | None = None,
         *,
+        last_only: bool = False,
         attn_impl: str = "sparse",
     ) -> torch.Tensor:
-        """tokens [B,T] at positions start_pos.. -> logits [B,T,V] (fp32).
+        """tokens [B,T] at positions start_pos.. -> fp32 logits [B,T,V] ([B,1,V] if last_only).
 
-        With no state the call is a one-shot prefill from position 0 on a fresh state.
+        With no state the call is a one-shot prefill from position 0 on a fresh state;
+        with one, `start_pos` defaults to `state.pos` and the state advances by T.
         """
         if state is None:
             state = self.new_state(tokens.shape[0])
         if start_pos is None:
             start_pos = state.pos
         h = self.hidden_streams(tokens, state, start_pos, attn_impl)
+        if last_only:
+            h = h[:, -1:]
         a = self.args
         y = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.rms_norm_eps, a.hc_eps)
         return F.linear(self.norm(y).float(), self.head.weight.float())

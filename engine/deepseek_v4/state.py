@@ -123,6 +123,23 @@ class DSV4State:
         return cls(0, layers)
 
     @property
+    def length(self) -> int:
+        """Tokens consumed (the name the shared generation loop uses)."""
+        return self.pos
+
+    def reset(self) -> None:
+        """Back to an empty context, keeping the batch size, dtype and device."""
+        for layer in self.layers:
+            layer.window.zero_()
+            for st in (layer.compressor, layer.indexer):
+                if st is not None:
+                    fresh = CompressorState.empty(
+                        st.pending_kv.shape[0], st.ratio, st._entries.shape[2], st._entries.dtype, st._entries.device
+                    )
+                    st.__dict__.update(fresh.__dict__)
+        self.pos = 0
+
+    @property
     def batch_size(self) -> int:
         return self.layers[0].window.shape[0] if self.layers else 0
 
