@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ingest.errors import IngestError
 from ingest.gitpatterns import attribute_pattern, regular_file
 from ingest.types import Selection
 
@@ -108,9 +109,8 @@ def load_attributes(selection: Selection) -> Attributes:
     if selection.git_root is not None:
         try:
             return Attributes(_git_check_attr(selection))
-        except Exception as error:  # noqa: BLE001 - git failing is a warning, not a crash
-            selection.warnings.append(f"git check-attr failed ({error}); "
-                                      "reading .gitattributes files directly")
+        except (IngestError, ImportError, OSError) as error:
+            selection.warnings.append(f"{error}; reading .gitattributes files directly")
     return Attributes(_parse_attributes(selection.root, selection.paths))
 
 
@@ -158,8 +158,11 @@ def _check_attr(directory: Path, paths: list[str]) -> dict[str, dict[str, str]]:
     with tempfile.TemporaryFile() as names:
         names.write(b"".join(os.fsencode(path) + b"\0" for path in paths))
         names.seek(0)
-        output = git.Git(str(directory)).execute(command, istream=names,
-                                                  stdout_as_string=False)
+        try:
+            output = git.Git(str(directory)).execute(command, istream=names,
+                                                      stdout_as_string=False)
+        except git.GitCommandError as error:
+            raise IngestError(f"git check-attr failed in {directory}: {error.stderr}") from error
     assert isinstance(output, bytes)
     fields = output.split(b"\0")
     states: dict[str, dict[str, str]] = {}

@@ -78,18 +78,26 @@ def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions()
     document.size = info.st_size
 
     cap = options.max_file_bytes
+    # a document over the cap may still convert to text under it (PDF manuals often do)
     limit = max(cap, options.max_document_bytes) if converter else cap
     if info.st_size > limit:
-        document.reason = _too_large(info.st_size, limit)
+        document.reason = _too_large(info.st_size, cap)
         return document
     try:
         with open(full, "rb") as handle:
-            data = handle.read(limit + 1)
+            if info.st_size > cap:
+                head = handle.read(SNIFF_BYTES)
+                if not _may_be_document(head):      # don't read a big binary for nothing
+                    document.reason = _too_large(info.st_size, cap)
+                    return document
+                data = head + handle.read(limit + 1 - len(head))
+            else:
+                data = handle.read(limit + 1)
     except OSError as error:
         return _unreadable(document, error)
     if len(data) > limit:       # grew since the stat
         document.size = len(data)
-        document.reason = _too_large(len(data), limit)
+        document.reason = _too_large(len(data), cap)
         return document
     document.size = len(data)
     document.digest = hashlib.sha256(data).hexdigest()
@@ -125,6 +133,14 @@ def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions()
             return document
     document.text, document.status = text, "full"
     return document
+
+
+def _may_be_document(head: bytes) -> bool:
+    """Whether a converter could want this file: a PDF, or anything that starts like text
+    (HTML, roff). Images, archives and executables are ruled out without reading on."""
+    if b"%PDF-" in head[:1024]:
+        return True
+    return b"\0" not in head and not head.startswith(_MAGIC)
 
 
 def _symlink_refusal(root: Path, full: str) -> str | None:

@@ -423,3 +423,21 @@ def test_empty_file_is_full_and_empty(tmp_path: Path) -> None:
     document = read(tmp_path, "__init__.py", b"")
     assert (document.status, document.text, document.size) == ("full", "", 0)
     assert document.digest == hashlib.sha256(b"").hexdigest()
+
+
+def test_big_binaries_are_not_read_for_the_converter(tmp_path: Path) -> None:
+    offered: list[str] = []
+
+    def converter(relpath: str, data: bytes) -> str | None:
+        offered.append(relpath)
+        return None
+
+    with (tmp_path / "disk.img").open("wb") as handle:
+        handle.truncate(32 << 20)       # zeros: NUL bytes in the head rule it out
+    put(tmp_path, "photo.jpg", b"\xff\xd8\xff\xe0" + b"\x01" * (2 << 20))
+    put(tmp_path, "page.html", "<html>" + "<p>text</p>\n" * 200_000)
+    for name in ("disk.img", "photo.jpg", "page.html"):
+        document = read_document(tmp_path, name, DEFAULT, converter=converter)
+        assert document.reason.startswith("too large (") and document.reason.endswith("> 1.0 MiB)")
+    assert offered == ["page.html"]
+    assert read_document(tmp_path, "disk.img", DEFAULT, converter=converter).digest == ""
