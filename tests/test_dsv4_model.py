@@ -252,3 +252,21 @@ def test_qat_simulation_is_a_small_perturbation(tmp_path):
     a, b = on(ids), off(ids)
     assert not torch.allclose(a, b, atol=1e-4)
     assert (a - b).norm() / b.norm() < 0.2
+
+
+def test_sparse_attention_query_blocks_do_not_change_the_result():
+    torch.manual_seed(6)
+    q, keys, sink = torch.randn(2, 9, 3, 8), torch.randn(2, 12, 8), torch.randn(3)
+    idx = mask_to_indices(torch.rand(2, 9, 12) < 0.6)
+    whole = sparse_attention(q, keys, idx, sink, 0.5)
+    assert torch.allclose(sparse_attention(q, keys, idx, sink, 0.5, max_elements=100), whole, atol=1e-6)
+
+
+@torch.no_grad()
+def test_indexer_query_blocks_do_not_change_the_result(checkpoints, monkeypatch):
+    from engine.deepseek_v4 import attention
+
+    model, ids = checkpoints["small_topk"], tokens(1, 40)
+    whole = model(ids)
+    monkeypatch.setattr(attention, "SCRATCH_ELEMENTS", 64)  # a few queries per block
+    assert torch.allclose(model(ids), whole, atol=1e-5)

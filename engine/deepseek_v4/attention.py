@@ -27,6 +27,9 @@ from engine.fp8 import DenseLinear, fp4_round, fp8_round, hadamard, make_linear
 
 # The reference rounds the non-RoPE dims of KV entries to FP8 in blocks of 64.
 KV_FP8_BLOCK = 64
+# Largest temporary (in values) the gathered attention and the indexer build at once;
+# longer query chunks are split into blocks of queries.
+SCRATCH_ELEMENTS = 1 << 26
 
 
 class RMSNorm(nn.Module):
@@ -107,11 +110,27 @@ def dense_attention(
 
 
 def sparse_attention(
-    q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    max_elements: int = SCRATCH_ELEMENTS,
 ) -> torch.Tensor:
-    """Gathered core, the reference kernel's layout. idx [B,T,K] indexes keys [B,N,D]; -1 = none."""
+    """Gathered core, the reference kernel's layout. idx [B,T,K] indexes keys [B,N,D]; -1 = none.
+
+    Queries run in blocks so the gathered keys stay under `max_elements` values.
+    """
+    B, T, H, D = q.shape
+    step = max(1, max_elements // max(1, B * idx.shape[-1] * max(D, H)))
+    if T > step:
+        return torch.cat(
+            [sparse_attention(q[:, t : t + step], keys, idx[:, t : t + step], sink, scale, max_elements)
+             for t in range(0, T, step)],
+            dim=1,
+        )
     valid = idx >= 0
-    b = torch.arange(keys.shape[0], device=keys.device)[:, None, None]
+    b = torch.arange(B, device=keys.device)[:, None, None]
     picked = keys[b, idx.clamp_min(0)].float()  # [B, T, K, D]
     scores = torch.einsum("bthd,btkd->bthk", q.float(), picked) * scale
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
@@ -223,10 +242,17 @@ class Indexer(nn.Module):
         if self.simulate:
             q = fp4_round(hadamard(q))
         self.compressor(x, start_pos, st, inv_freq)
-        keys = st.entries
+        keys = st.entries.float()
         weights = self.weights_proj(x).float() * self.weight_scale  # [B, T, C]
-        scores = torch.einsum("btcd,bnd->btcn", q.float(), keys.float()).relu()
-        scores = (scores * weights[..., None]).sum(dim=2)  # [B, T, N]
+        step = max(1, SCRATCH_ELEMENTS // max(1, x.shape[0] * self.n_heads * keys.shape[1]))
+        scores = torch.cat(
+            [
+                (torch.einsum("btcd,bnd->btcn", q[:, t : t + step].float(), keys).relu()
+                 * weights[:, t : t + step, :, None]).sum(dim=2)
+                for t in range(0, T, step)
+            ],
+            dim=1,
+        )  # [B, T, N]: sum_c w[t,c] * relu(q[t,c] . k[n])
         visible = compressed_visibility(positions, keys.shape[1], CSA_RATIO)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, keys.shape[1])
