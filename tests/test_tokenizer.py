@@ -21,7 +21,7 @@ from engine.detokenizer import StreamingDetokenizer
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile
 from engine.tokenizer import Tokenizer, clear_memo
-from tests.tinymodels import CONTROL_TOKENS, IM_END_ID, IM_START_ID, MISSING_BYTES, real_model_gguf, tiny_vocab, tiny_vocab_text, write_tiny_llama_gguf
+from tests.tinymodels import CONTROL_TOKENS, write_tiny_hf_tokenizer, IM_END_ID, IM_START_ID, MISSING_BYTES, real_model_gguf, tiny_vocab, tiny_vocab_text, write_tiny_llama_gguf
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LLAMACPP_TEXTWRAP = Path("/work/shared/data/mini-llamacpp-textwrap.json")
@@ -382,41 +382,8 @@ def test_real_model_chat_and_cached_load_time(real_path):
 
 # ---- Hugging Face tokenizer.json -----------------------------------------------------------
 
-# DeepSeek-V3's tokenizer.json pre-tokenizer: three isolating splits, then bytes without a regex.
-DEEPSEEK_STYLE_SPLITS = [
-    r"\p{N}{1,3}",
-    "[一-龥\u3040-ゟ゠-ヿ]+",
-    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-]
-HF_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
-
-
-def train_hf_tokenizer(directory: Path, pre_tokenizer, vocab_size: int = 900) -> Path:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizer
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=HF_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    hf.train_from_iterator([tiny_vocab_text(), *stdlib_corpus(4), *random_mixed_strings(200, seed=3)], trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": {"content": HF_SPECIALS[0]},
-                "eos_token": HF_SPECIALS[1],
-                "add_bos_token": True,
-                "chat_template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-                "{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}",
-            }
-        )
-    )
-    return directory
+def train_hf_tokenizer(directory: Path, style: str, vocab_size: int = 900) -> Path:
+    return write_tiny_hf_tokenizer(directory, style=style, vocab_size=vocab_size, extra_text=(*stdlib_corpus(4), *random_mixed_strings(200, seed=3)))
 
 
 def hf_reference(directory: Path):
@@ -428,13 +395,7 @@ def hf_reference(directory: Path):
 
 
 def test_hf_split_sequence_matches_reference(tmp_path):
-    from tokenizers import Regex, pre_tokenizers
-
-    pre = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(p), "isolated") for p in DEEPSEEK_STYLE_SPLITS]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    directory = train_hf_tokenizer(tmp_path / "deepseek-style", pre)
+    directory = train_hf_tokenizer(tmp_path / "deepseek-style", "deepseek")
     ours = Tokenizer.from_hf_dir(directory)
     reference = hf_reference(directory)
     texts = stdlib_corpus(12) + random_mixed_strings(2000, seed=11) + ["abc中文def 12345 x\x00y", "  1", "\u0301alone", "a\n\n  b"]
@@ -442,26 +403,31 @@ def test_hf_split_sequence_matches_reference(tmp_path):
     assert ours.encode_batch(texts[:20]) == [ours.encode(t) for t in texts[:20]]
     for text in texts[:50]:
         assert ours.decode(ours.encode(text)) == text
-    assert (ours.bos_id, ours.eos_id) == (0, 1) and 1 in ours.stop_ids
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2) and 1 in ours.stop_ids
     assert ours.name == "deepseek-style"
+    assistant, end_think = ours.encode_special("<｜Assistant｜>"), ours.encode_special("</think>")
     ids = ours.render_chat([{"role": "user", "content": "hi <｜Assistant｜>"}])
-    assert ids[0] == 0 and ids.count(ours.encode_special("<｜Assistant｜>")) == 1
-    assert ids[-2:] == [ours.encode_special("<｜Assistant｜>"), ours.encode_special("</think>")]
+    assert ids[0] == 0 and ids.count(assistant) == 1
+    assert ids[-2:] == [assistant, end_think]
+    reference.encode_special_tokens = False
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  12 + 7?"}]
+    assert ours.render_chat(messages) == reference.encode(ours.render_chat_text(messages), add_special_tokens=False).ids
 
 
 def test_hf_digits_byte_level_matches_reference(tmp_path):
-    from tokenizers import pre_tokenizers
-
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    directory = train_hf_tokenizer(tmp_path / "smollm-style", pre)
+    directory = train_hf_tokenizer(tmp_path / "smollm-style", "smollm")
     ours = Tokenizer.from_hf_dir(directory)
     assert ours._presplit is None  # one tiktoken pattern does it
     assert_same_ids(ours, hf_reference(directory), stdlib_corpus(12) + random_mixed_strings(1000, seed=12))
 
 
 def test_hf_unsupported_pre_tokenizer_is_named(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import pre_tokenizers
 
-    directory = train_hf_tokenizer(tmp_path / "ws", pre_tokenizers.Whitespace(), vocab_size=400)
+    directory = train_hf_tokenizer(tmp_path / "ws", "smollm", vocab_size=400)
+    hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(directory / "tokenizer.json"))
     with pytest.raises(ModelFormatError, match="Whitespace"):
         Tokenizer.from_hf_dir(directory)

@@ -7,11 +7,13 @@ signatures stable.
     tiny_llama_weights(...) -> dict of the float32 Hugging Face-layout weights the file holds
     tiny_vocab() -> TinyVocab(tokens, token_types, merges)
     tiny_vocab_text() -> the text the vocabulary was learned from
+    write_tiny_hf_tokenizer(directory, style="deepseek") -> a Hugging Face tokenizer.json directory
     real_model_gguf() -> Path of the real SmolLM2 GGUF, or None when it is not installed
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from functools import lru_cache
@@ -307,6 +309,67 @@ def write_tiny_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# DeepSeek-V3's tokenizer.json pre-tokenizer: three isolating splits, then bytes without a regex.
+DEEPSEEK_STYLE_SPLITS = (
+    r"\p{N}{1,3}",
+    "[一-龥\u3040-ゟ゠-ヿ]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+)
+# DeepSeek's special tokens, in DeepSeek's order for the first three (bos 0, eos 1, pad 2).
+HF_SPECIAL_TOKENS = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜▁pad▁｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+)
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% else %}<｜Assistant｜></think>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}"
+)
+
+
+def write_tiny_hf_tokenizer(directory: str | Path, *, style: str = "deepseek", vocab_size: int = 700, extra_text: tuple[str, ...] = ()) -> Path:
+    """tokenizer.json + tokenizer_config.json trained with the `tokenizers` library (a test
+    dependency) on the built-in text: `style="deepseek"` uses DeepSeek-V3's Split sequence,
+    `style="smollm"` single digits then GPT-2's byte-level regex."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if style == "deepseek":
+        pre = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), "isolated") for p in DEEPSEEK_STYLE_SPLITS]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    elif style == "smollm":
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        raise ValueError("style must be 'deepseek' or 'smollm'")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(HF_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    hf.train_from_iterator([_TINY_TEXT, *extra_text], trainer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save(str(directory / "tokenizer.json"))
+    config = {
+        "bos_token": {"content": HF_SPECIAL_TOKENS[0]},
+        "eos_token": HF_SPECIAL_TOKENS[1],
+        "pad_token": HF_SPECIAL_TOKENS[2],
+        "add_bos_token": False,
+        "chat_template": HF_CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1), encoding="utf-8")
+    return directory
 
 
 REAL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
