@@ -158,7 +158,7 @@ class IgnoreRules:
             warnings.append(f"could not read {directory}{os.path.basename(file)}: "
                             f"{error.strerror or error}")
             return
-        self.add(directory, text.split("\n"))
+        self.add(directory, text.removeprefix("\ufeff").split("\n"))   # git skips a BOM
 
     def decision(self, path: str, is_dir: bool) -> bool | None:
         """True: ignored, False: re-included by a negation, None: no pattern matched."""

@@ -215,7 +215,7 @@ def _parse_attributes_file(file: str) -> list[tuple[re.Pattern[str], dict[str, s
     except OSError:
         return []
     rules = []
-    for line in text.splitlines():
+    for line in text.removeprefix("\ufeff").splitlines():
         line = line.strip()
         if not line or line.startswith("#") or line.startswith("[attr]"):
             continue

@@ -481,3 +481,12 @@ def test_walk_agrees_with_git(tmp_path: Path, root_rules: list[str],
     by_git = select(tmp_path).paths
     assert len(by_git) < len(files)     # the rules did hide something
     assert select(tmp_path, WALK).paths == by_git
+
+
+def test_ignore_file_with_bom_and_crlf(tmp_path: Path) -> None:
+    init_repo(tmp_path, {".gitignore": "\ufeff*.log\r\nbuild/\r\n!keep.log\r\n",
+                         "a.log": "x", "keep.log": "x", "build/x": "x", "src.py": "x"},
+              commit=False)
+    expected = [".gitignore", "keep.log", "src.py"]
+    assert select(tmp_path).paths == expected
+    assert select(tmp_path, WALK).paths == expected
