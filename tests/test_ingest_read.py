@@ -441,3 +441,19 @@ def test_big_binaries_are_not_read_for_the_converter(tmp_path: Path) -> None:
         assert document.reason.startswith("too large (") and document.reason.endswith("> 1.0 MiB)")
     assert offered == ["page.html"]
     assert read_document(tmp_path, "disk.img", DEFAULT, converter=converter).digest == ""
+
+
+def test_permission_denied_simulated(tmp_path: Path, monkeypatch) -> None:
+    """The same path as chmod 000 for a non-root user: the open fails with EACCES."""
+    import ingest.read as read_module
+
+    put(tmp_path, "secret.txt", "x")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(read_module, "open", refuse, raising=False)
+    document = read_document(tmp_path, "secret.txt", DEFAULT)
+    assert (document.status, document.reason) == ("listed", "unreadable: Permission denied")
+    assert document.warnings == ["secret.txt: unreadable (Permission denied); "
+                                 "listed without its body"]
