@@ -115,8 +115,12 @@ def _sniff_roff(data: bytes, *, strict: bool) -> bool:
             continue
         if strict:
             return re.match(r"^\.[ \t]*(TH|Dd)\b", stripped) is not None
-        return _ROFF_START.match(stripped) is not None
-    return False
+        if _ROFF_START.match(stripped):
+            return True
+        break
+    # Named like a man page: a title or section request anywhere near the top will do
+    # (some pages start with `.lf` lines or stray text).
+    return not strict and re.search(r"^[.'][ \t]*(TH|Dd|SH|Sh)\b", text, re.MULTILINE) is not None
 
 
 def _compression(data: bytes) -> str | None:
@@ -148,9 +152,11 @@ def _decompress(data: bytes, compression: str) -> bytes:
     import io
     import lzma
 
-    opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[compression]
+    source = io.BytesIO(data)
+    stream_of = {"gzip": lambda: gzip.GzipFile(fileobj=source), "bzip2": lambda: bz2.BZ2File(source),
+                 "xz": lambda: lzma.LZMAFile(source)}[compression]
     try:
-        with opener(io.BytesIO(data)) as stream:
+        with stream_of() as stream:
             out = stream.read(_MAX_MAN_BYTES + 1)
     except (OSError, EOFError, lzma.LZMAError, ValueError) as exc:
         raise ConversionError(

@@ -40,7 +40,7 @@ _SYSTEMS = {"Bsx": "BSD/OS", "Dx": "DragonFly", "Fx": "FreeBSD", "Nx": "NetBSD",
 _CALLABLE = frozenset(
     set(_ENCLOSURES) | set(_OPENERS) | set(_CLOSERS) | _PLAIN | set(_SYSTEMS)
     | {"Fl", "Ar", "Nm", "Xr", "Fn", "Lk", "St", "At", "Bx", "Ux", "Ns", "Pf", "Ta", "Xo", "Xc",
-       "Eo", "Ec", "Es", "Sm", "Fo", "Fc"}
+       "Eo", "Ec", "Es", "Sm", "Fo", "Fc", "In"}
 )
 _STANDARDS = {
     "-p1003.1": "IEEE Std 1003.1 (\u201cPOSIX.1\u201d)",
@@ -279,6 +279,8 @@ class MdocMacros:
         if name == "Fl":
             if not content:
                 words.add("-")
+                # `.Fl Fl long` is how mdoc writes --long.
+                words.nospace_next = not args and end < len(tokens)
             for arg in args:
                 if arg in _CLOSING or arg in _OPENING or arg == "|":
                     words.punctuation(arg)
@@ -306,6 +308,14 @@ class MdocMacros:
                 arguments = ", ".join(self.expand(a) for a in content[1:])
                 synopsis = self.mdoc_section == "SYNOPSIS"
                 words.add(f"{function}({arguments})" + (";" if synopsis else ""))
+            for arg in trailing:
+                words.punctuation(arg)
+            return end
+        if name == "In":
+            for arg in content:
+                header = f"<{self.expand(arg)}>"
+                synopsis = self.mdoc_section == "SYNOPSIS"
+                words.add(f"#include {header}" if synopsis else header)
             for arg in trailing:
                 words.punctuation(arg)
             return end
@@ -483,6 +493,7 @@ def _it(r: Any, rest: str) -> None:
     block.item_open = True
     out = r.out
     out.tag_same_line = False
+    out.tag_gap = 2
     out.tag_indent = block.base
     if block.kind in ("bullet", "dash", "hyphen", "enum"):
         block.number += 1
@@ -579,15 +590,13 @@ def _synopsis_line(r: Any, rest: str, name: str) -> None:
     """.Ft, .In, .Fd: their own lines in a SYNOPSIS, plain words elsewhere."""
     args = _args(r, rest)
     if r.mdoc_section != "SYNOPSIS":
-        text = r.mdoc_words(args).text()
-        r.out.text(f"<{text}>" if name == "In" else text)
+        r.mdoc_line(name, rest)
         return
-    text = r.mdoc_words(args).text()
     if name == "Ft":
         r.out.blank()
     else:
         r.out.flush()
-    r.out.text(f"#include <{text}>" if name == "In" else text)
+    r.mdoc_line(name, rest) if name == "In" else r.out.text(r.mdoc_words(args).text())
     r.out.flush()
 
 

@@ -81,6 +81,7 @@ class _Layout:
     tag: str | None = None         # a tagged paragraph's tag, waiting for its first body line
     tag_indent: int = 0
     tag_same_line: bool = False    # hanging lists: the body always follows the tag
+    tag_gap: int = 1               # least room between a tag and its body on one line
     collecting_tag: bool = False
     tag_words: str = ""
     nofill: bool = False
@@ -146,7 +147,7 @@ class _Layout:
             if self.tag_same_line:
                 self._emit(" " * self.tag_indent + (tag + " " + text.lstrip()).rstrip())
                 return
-            if tag and len(tag) < room:
+            if tag and len(tag) + self.tag_gap <= room:
                 self._emit(" " * self.tag_indent + tag.ljust(room) + text.lstrip())
                 return
             if tag:
@@ -282,6 +283,7 @@ class _Renderer(MdocMacros):
         self.header: tuple[str, str, str] | None = None   # (left/right, centre, ...)
         self.footer: tuple[str, str, str] | None = None
         self.link_url: list[str] = []
+        self.translations: dict[str, str] = {}    # .tr
         MdocMacros.__init__(self)
 
     # -- driving -------------------------------------------------------------------------------
@@ -328,6 +330,8 @@ class _Renderer(MdocMacros):
         if not raw.strip() and not self.out.nofill:
             self.out.blank()  # an empty line in filled text is a paragraph break
             return
+        if raw.startswith(('\\"', "\\#")):
+            return  # a comment on a line of its own (man pages mean `.\\"`)
         if raw[:1] in (" ", "\t") and not self.out.nofill:
             self.out.flush()
         text = self.expand(raw)
@@ -401,7 +405,10 @@ class _Renderer(MdocMacros):
                     out.append("1")
             else:
                 out.append(code)  # an unknown escape prints its character, as groff does
-        return "".join(out)
+        text = "".join(out)
+        if self.translations and depth == 0:
+            text = "".join(self.translations.get(ch, ch) for ch in text)
+        return text
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -704,6 +711,7 @@ def _tp(r: _Renderer, rest: str, *, another: bool = False) -> None:
     r.tagged = True
     r.out.tag_indent = r.base
     r.out.tag_same_line = False
+    r.out.tag_gap = 1
     r.set_indent()
     r.out.collecting_tag = True
     r.out.tag_words = ""
@@ -717,6 +725,7 @@ def _ip(r: _Renderer, rest: str) -> None:
     r.tagged = True
     r.out.tag_indent = r.base
     r.out.tag_same_line = False
+    r.out.tag_gap = 1
     r.set_indent()
     if args and args[0]:
         r.out.tag = r.expand(args[0]).replace(GLUE, "")
@@ -819,6 +828,29 @@ def _nr(r: _Renderer, rest: str) -> None:
         number = int(_evaluate(r.expand(value.lstrip("+-"))))
         r.registers[parts[0]] = current + number if value[0] == "+" else (
             current - number if value[0] == "-" else number)
+
+
+def _tr(r: _Renderer, rest: str) -> None:
+    """Character translations, in pairs; a lone last character becomes a space (`.tr ~`)."""
+    characters: list[str] = []
+    i = 0
+    argument = rest.strip()
+    while i < len(argument):
+        if argument[i] == "\\" and i + 1 < len(argument):
+            if argument[i + 1] in "([":
+                name, i = _escape_name(argument, i + 1)
+                characters.append(_glyph(name))
+            else:
+                characters.append(_SIMPLE_ESCAPES.get(argument[i + 1], argument[i + 1]))
+                i += 2
+        else:
+            characters.append(argument[i])
+            i += 1
+    if len(characters) % 2:
+        characters.append(" ")
+    for source, target in zip(characters[::2], characters[1::2]):
+        if len(source) == 1:
+            r.translations[source] = target
 
 
 def _rm(r: _Renderer, rest: str) -> None:
@@ -986,6 +1018,12 @@ def _ts(r: _Renderer, rest: str, lines: list[str], i: int) -> int:
                     row = []
             elif line[:1] not in (".", "'"):
                 text_block.append(line)
+            else:
+                font_macro = re.match(r"^[.'][ \t]*(B|I|SM|BR|BI|IB|IR|RB|RI)\b(.*)", line)
+                if font_macro:  # fonts are gone; their words stay
+                    words = split_args(font_macro.group(2))
+                    joiner = "" if len(font_macro.group(1)) == 2 else " "
+                    text_block.append(joiner.join(words))
             continue
         if re.match(r"^[.'][ \t]*T&", line):
             in_format = True
@@ -1027,7 +1065,7 @@ _REQUESTS = {
     "RB": _alternating, "RI": _alternating,
     "br": _br, "sp": _sp, "nf": _nf, "fi": _fi, "EX": _nf, "EE": _fi, "in": _in, "ce": _ce,
     "PD": _pd, "ds": _ds, "as": lambda r, rest: _ds(r, rest, append=True), "nr": _nr,
-    "rm": _rm, "rn": _rn, "als": _als, "so": _so, "UR": _ur, "UE": _ue, "MT": _ur, "ME": _ue,
+    "tr": _tr, "rm": _rm, "rn": _rn, "als": _als, "so": _so, "UR": _ur, "UE": _ue, "MT": _ur, "ME": _ue,
     "MR": _mr, "SY": _sy, "OP": _op, "YS": _ys,
     "if": _if, "ie": _ie, "el": _el, "de": _de, "de1": _de, "am": _am, "am1": _am, "ig": _ig,
     "TS": _ts, "EQ": _skip_until("EN"), "PS": _skip_until("PE"),
