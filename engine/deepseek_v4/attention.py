@@ -323,38 +323,41 @@ class Attention(nn.Module):
 
         # Window keys: up to W-1 earlier tokens from the ring buffer, then this call's tokens.
         n_prev = min(start_pos, W - 1)
-        prev_pos = torch.arange(start_pos - n_prev, start_pos, device=x.device)
+        first = start_pos - n_prev  # position of keys[:, 0]
+        prev_pos = torch.arange(first, start_pos, device=x.device)
         keys = torch.cat((st.window[:, prev_pos % W].to(kv.dtype), kv), dim=1)
-        key_pos = torch.cat((prev_pos, positions))
-        win_mask = window_visibility(positions, key_pos, W).expand(B, -1, -1)
         tail = positions[-W:]
         st.window[:, tail % W] = kv[:, -tail.shape[0] :].to(st.window.dtype)
 
-        comp_idx = None
+        entries = None
         if self.kind != WINDOW:
             self.compressor(x, start_pos, st.compressor, inv_freq)
             entries = st.compressor.entries.to(kv.dtype)
-            visible = compressed_visibility(positions, entries.shape[1], self.ratio).expand(B, -1, -1)
-            if self.kind == CSA and attn_impl == "sparse":
-                comp_idx = self.indexer(x, qr, start_pos, st.indexer, inv_freq)
-            elif self.kind == CSA:
-                # The reference path keeps the indexer's state in step but attends to all.
+            if self.kind == CSA and attn_impl == "dense":
+                # The reference path attends to every visible entry; the indexer's keys
+                # still have to follow the context.
                 self.indexer.compressor(x, start_pos, st.indexer, inv_freq)
-            keys = torch.cat((keys, entries), dim=1)
-            mask = torch.cat((win_mask, visible), dim=-1)
-        else:
-            mask = win_mask
 
         if attn_impl == "dense":
-            o = dense_attention(q, keys, mask, self.attn_sink, self.scale)
+            mask = window_visibility(positions, torch.arange(first, start_pos + T, device=x.device), W)
+            if entries is not None:
+                mask = torch.cat((mask, compressed_visibility(positions, entries.shape[1], self.ratio)), dim=-1)
+                keys = torch.cat((keys, entries), dim=1)
+            o = dense_attention(q, keys, mask.expand(B, -1, -1), self.attn_sink, self.scale)
         elif attn_impl == "sparse":
-            n_win = key_pos.shape[0]
-            idx = mask_to_indices(win_mask)
-            if self.kind == CSA:
-                idx = torch.cat((idx, torch.where(comp_idx >= 0, comp_idx + n_win, comp_idx)), dim=-1)
-            elif self.kind != WINDOW:
-                comp = mask_to_indices(mask[..., n_win:])
-                idx = torch.cat((idx, torch.where(comp >= 0, comp + n_win, comp)), dim=-1)
+            # Built directly, O(T*(W+k)): query p sees window keys p-W+1..p (those >= 0).
+            key_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)
+            idx = torch.where(key_pos >= 0, key_pos - first, -1)[None].expand(B, -1, -1)
+            if entries is not None:
+                n_win = keys.shape[1]
+                if self.kind == CSA:
+                    comp = self.indexer(x, qr, start_pos, st.indexer, inv_freq)
+                else:  # HCA: every visible entry, which is a prefix of the entries
+                    w = torch.arange(entries.shape[1], device=x.device)
+                    comp = torch.where(compressed_visibility(positions, entries.shape[1], self.ratio), w, -1)
+                    comp = comp.expand(B, -1, -1)
+                idx = torch.cat((idx, torch.where(comp >= 0, comp + n_win, -1)), dim=-1)
+                keys = torch.cat((keys, entries), dim=1)
             o = sparse_attention(q, keys, idx, self.attn_sink, self.scale)
         else:
             raise ValueError(f"unknown attn_impl {attn_impl!r}")
