@@ -41,10 +41,19 @@ GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # split happened before the whitespace rule saw it).
 DIGITS_PAT_STR = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 
-# tokenizer.ggml.pre values, grouped as llama.cpp groups them by regex.
-_PRE_PATTERNS: dict[str, str] = {
-    **{name: DIGITS_PAT_STR for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")},
-    **{name: GPT2_PAT_STR for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais")},
+# DeepSeek-V3's isolating splits (llama.cpp's deepseek-v3 pre-tokenizer, and tokenizer.json's
+# Split sequence): digit groups, then CJK runs, then the word/punctuation/space rule.
+DEEPSEEK_V3_STAGES = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+)
+
+# tokenizer.ggml.pre values -> split stages applied in order, grouped as llama.cpp groups them.
+_PRE_STAGES: dict[str, tuple[str, ...]] = {
+    **{name: (r"\p{N}", GPT2_PAT_STR) for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")},
+    **{name: (GPT2_PAT_STR,) for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais")},
+    "deepseek-v3": DEEPSEEK_V3_STAGES,
 }
 
 # Control tokens that end a turn in common chat formats (llama.cpp treats these as end-of-generation).
@@ -90,17 +99,18 @@ def token_text_to_bytes(text: str) -> bytes | None:
         return None
 
 
-def pattern_for_pre(pre: str | None) -> str:
+def split_stages_for_pre(pre: str | None) -> tuple[str, ...]:
+    """The isolating split patterns a GGUF's `tokenizer.ggml.pre` stands for."""
     if pre is None or pre == "default":
         raise ModelFormatError(
             "the GGUF does not name its pre-tokenizer (tokenizer.ggml.pre), so its split rule is unknown",
             "re-convert the model with a current llama.cpp",
         )
-    pattern = _PRE_PATTERNS.get(pre)
-    if pattern is None:
-        supported = ", ".join(sorted(_PRE_PATTERNS))
+    stages = _PRE_STAGES.get(pre)
+    if stages is None:
+        supported = ", ".join(sorted(_PRE_STAGES))
         raise ModelFormatError(f"unsupported pre-tokenizer {pre!r}", f"supported: {supported}")
-    return pattern
+    return stages
 
 
 @dataclass(frozen=True)
@@ -287,7 +297,7 @@ class Tokenizer:
                 "use a model with a byte-level BPE tokenizer",
             )
         digest = gguf_file.tokenizer_digest()
-        pat_str = pattern_for_pre(gguf_file.get("tokenizer.ggml.pre"))
+        pat_str, presplit = _stages_to_patterns(list(split_stages_for_pre(gguf_file.get("tokenizer.ggml.pre"))))
 
         def derive() -> _Table:
             spec = gguf_file.tokenizer_spec()
@@ -311,6 +321,7 @@ class Tokenizer:
             add_bos=bool(gguf_file.get("tokenizer.ggml.add_bos_token", False)),
             chat_template=gguf_file.get("tokenizer.chat_template"),
             extra_stop_ids=[i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None],
+            presplit_patterns=presplit,
         )
         with _memo_lock:
             _file_memo[key] = tokenizer

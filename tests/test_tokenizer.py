@@ -20,15 +20,15 @@ from engine.chat_template import ChatTemplateError
 from engine.detokenizer import StreamingDetokenizer
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile
-from engine.tokenizer import Tokenizer, clear_memo
+from engine.tokenizer import DEEPSEEK_V3_STAGES, Tokenizer, clear_memo
 from tests.tinymodels import CONTROL_TOKENS, write_tiny_hf_tokenizer, IM_END_ID, IM_START_ID, MISSING_BYTES, real_model_gguf, tiny_vocab, tiny_vocab_text, write_tiny_llama_gguf
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LLAMACPP_TEXTWRAP = Path("/work/shared/data/mini-llamacpp-textwrap.json")
 
 
-def reference_tokenizer(path: Path, *, digits: bool = True):
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+def reference_tokenizer(path: Path, *, style: str = "smollm"):
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     spec = GGUFFile(path).tokenizer_spec()
@@ -36,7 +36,13 @@ def reference_tokenizer(path: Path, *, digits: bool = True):
     merges = [tuple(m.split(" ", 1)) for m in spec.merges]
     reference = HFTokenizer(models.BPE(vocab, merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level
+    if style == "smollm":
+        reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif style == "gpt-2":
+        reference.pre_tokenizer = byte_level
+    else:  # deepseek-v3
+        splits = [pre_tokenizers.Split(Regex(p), "isolated") for p in DEEPSEEK_V3_STAGES]
+        reference.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     reference.decoder = decoders.ByteLevel()
     reference.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(spec.tokens, spec.token_types) if kind == 3])
     reference.encode_special_tokens = True
@@ -120,11 +126,19 @@ def test_tiny_matches_reference_on_random_mixed_unicode(tiny, tiny_reference):
 def test_gpt2_pre_tokenizer_matches_reference(tmp_path):
     path = write_tiny_llama_gguf(tmp_path / "gpt2-pre.gguf", quant="F32", n_layer=1, pre="gpt-2")
     ours = Tokenizer.from_gguf(path)
-    reference = reference_tokenizer(path, digits=False)
+    reference = reference_tokenizer(path, style="gpt-2")
     assert_same_ids(ours, reference, stdlib_corpus(10) + random_mixed_strings(1000, seed=7))
     digits = Tokenizer.from_gguf(write_tiny_llama_gguf(tmp_path / "d.gguf", quant="F32", n_layer=1))
     # GPT-2's rule keeps the space before a number with it; the digit rule leaves "  " whole.
     assert ours.encode("x  1") != digits.encode("x  1")
+
+
+def test_deepseek_v3_pre_tokenizer_matches_reference(tmp_path):
+    path = write_tiny_llama_gguf(tmp_path / "ds-pre.gguf", quant="F32", n_layer=1, pre="deepseek-v3")
+    ours = Tokenizer.from_gguf(path)
+    assert ours._presplit is not None
+    texts = stdlib_corpus(10) + random_mixed_strings(1500, seed=8) + ["abc中文def 12345 x\x00y", "  1", "日本語のテキスト123"]
+    assert_same_ids(ours, reference_tokenizer(path, style="deepseek-v3"), texts)
 
 
 def test_decode_round_trips(tiny):

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import regex
 
-from engine.tokenizer import DIGITS_PAT_STR, bytes_to_unicode
+from engine.tokenizer import DEEPSEEK_V3_STAGES, DIGITS_PAT_STR, bytes_to_unicode
 
 # Captured at import, before conftest points DSV4_HOME at a temporary directory per test.
 _REAL_DSV4_HOME = os.environ.get("DSV4_HOME")
@@ -311,12 +311,6 @@ def write_tiny_llama_gguf(
     return path
 
 
-# DeepSeek-V3's tokenizer.json pre-tokenizer: three isolating splits, then bytes without a regex.
-DEEPSEEK_STYLE_SPLITS = (
-    r"\p{N}{1,3}",
-    "[一-龥\u3040-ゟ゠-ヿ]+",
-    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-)
 # DeepSeek's special tokens, in DeepSeek's order for the first three (bos 0, eos 1, pad 2).
 HF_SPECIAL_TOKENS = (
     "<｜begin▁of▁sentence｜>",
@@ -344,7 +338,7 @@ def write_tiny_hf_tokenizer(directory: str | Path, *, style: str = "deepseek", v
 
     if style == "deepseek":
         pre = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(p), "isolated") for p in DEEPSEEK_STYLE_SPLITS]
+            [pre_tokenizers.Split(Regex(p), "isolated") for p in DEEPSEEK_V3_STAGES]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     elif style == "smollm":
