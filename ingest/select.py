@@ -205,10 +205,12 @@ def _git_listing(root: Path, options: SelectOptions, warnings: list[str]) -> _Li
     if work_tree is None:
         return None
     try:
-        root.relative_to(work_tree)
-    except ValueError:              # SOURCE inside the .git directory itself
+        prefix = _prefix(root, work_tree)
+    except ValueError:              # GIT_WORK_TREE names another directory
         return None
-    listing = _Listing(git_root=work_tree, git_prefix=_prefix(root, work_tree))
+    if ".git" in prefix.split("/"):  # SOURCE is git's own metadata: not part of the work tree
+        return None
+    listing = _Listing(git_root=work_tree, git_prefix=prefix)
     listing.rules_prefix = listing.git_prefix
     try:
         _git_collect(root, "", options, listing, warnings)
