@@ -42,7 +42,7 @@ _MAGIC = (
 )
 # control bytes that do not occur in text (tab, newlines, form feed, backspace as used by
 # overstruck man pages, and ESC for coloured logs do)
-_CONTROL = bytes(set(range(32)) - set(b"\t\n\r\f\v\b\x1b")) + b"\x7f"
+_CONTROL = bytes(sorted(set(range(32)) - set(b"\t\n\r\f\v\b\x1b"))) + b"\x7f"
 _CONTROL_SHARE = 0.10
 _CONTROL_SHARE_NOT_UTF8 = 0.03
 
