@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsv4_tiny import write_tiny
+from dsv4_tiny import tiny_config, write_tiny
 from engine.deepseek_v4.attention import (
     Compressor,
     apply_rope,
@@ -22,7 +22,6 @@ from engine.deepseek_v4.config import ModelArgs
 from engine.deepseek_v4.model import Block, Expert, Gate, hc_split_sinkhorn
 from engine.deepseek_v4.state import CompressorState
 from engine.deepseek_v4.weights import load_checkpoint
-from dsv4_tiny import tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -270,3 +269,30 @@ def test_indexer_query_blocks_do_not_change_the_result(checkpoints, monkeypatch)
     whole = model(ids)
     monkeypatch.setattr(attention, "SCRATCH_ELEMENTS", 64)  # a few queries per block
     assert torch.allclose(model(ids), whole, atol=1e-5)
+
+
+@torch.no_grad()
+def test_simulation_puts_cache_entries_on_their_grids(checkpoints):
+    from engine.fp8 import fp4_round, fp8_round
+
+    model = checkpoints["fp8"]
+    assert model.simulate
+    state = model.new_state(1)
+    model(tokens(1, 40), state)
+    R = model.args.qk_rope_head_dim
+    csa = state.layers[1]
+    for kv in (csa.window, csa.compressor.entries, state.layers[2].compressor.entries):
+        nope = kv[..., :-R]
+        assert torch.equal(fp8_round(nope, 64), nope)  # non-RoPE dims already FP8 values
+        assert not torch.equal(fp8_round(kv[..., -R:], 64), kv[..., -R:])  # RoPE dims kept exact
+    keys = csa.indexer.entries  # Hadamard-rotated, then FP4
+    assert keys.shape[1] == 10 and torch.equal(fp4_round(keys), keys)
+
+
+@torch.no_grad()
+def test_bf16_compute_runs_with_a_bf16_state(tmp_path):
+    model = load_checkpoint(write_tiny(tmp_path, "bf16"), dtype=torch.bfloat16).model
+    state = model.new_state(1)
+    logits = model(tokens(1, 20), state)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert state.layers[1].window.dtype == torch.bfloat16
