@@ -60,7 +60,7 @@ _STANDARDS = {
     "-svid4": "System V Interface Definition, Fourth Edition (\u201cSVID4\u201d)",
     "-ieee754": "IEEE Std 754-1985",
 }
-_VOLUMES = {
+VOLUMES = {
     "1": "General Commands Manual", "2": "System Calls Manual", "3": "Library Functions Manual",
     "4": "Device Drivers Manual", "5": "File Formats Manual", "6": "Games Manual",
     "7": "Miscellaneous Information Manual", "8": "System Manager's Manual",
@@ -404,7 +404,7 @@ def _dt(r: Any, rest: str) -> None:
     args = [r.expand(a) for a in _args(r, rest)]
     if args:
         r.mdoc_title = f"{args[0]}({args[1]})" if len(args) > 1 else args[0]
-        volume = _VOLUMES.get(args[1][:1], "") if len(args) > 1 else ""
+        volume = VOLUMES.get(args[1][:1], "") if len(args) > 1 else ""
         r.header = (r.mdoc_title, volume, r.mdoc_title)
     r.section_indent = r.base = _SECTION_INDENT
     _update_frame(r)

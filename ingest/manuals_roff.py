@@ -22,7 +22,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from ingest.manuals_mdoc import MdocMacros
+from ingest.manuals_mdoc import VOLUMES, MdocMacros
 
 GLUE = "\x01"  # `\c`: the next text continues this word (no space, no line break)
 _MAX_DEPTH = 40  # nested macro calls and string interpolations (a loop must not hang a pack)
@@ -677,7 +677,8 @@ def _spread(left: str, centre: str, right: str) -> str:
 def _th(r: _Renderer, rest: str) -> None:
     args = [r.expand(a) for a in split_args(rest)] + [""] * 5
     title = f"{args[0]}({args[1]})" if args[1] else args[0]
-    r.header = (title, args[4], title)
+    # Without a manual name, man shows the section's (groff 1.23 does too).
+    r.header = (title, args[4] or VOLUMES.get(args[1][:1], ""), title)
     r.footer = (args[3], args[2], title)
     r.section_indent = r.base = 7
     r.out.indent = 7
