@@ -1,0 +1,199 @@
+"""GGUF tensors -> our Llama modules, in one of the weight modes.
+
+The architecture comes from `general.architecture`, never from a file name. Loading is
+strict: every expected tensor must be present with its expected shape, and any tensor left
+over is an error, each naming the tensor. Weights are converted one tensor at a time (big
+ones in row chunks) so that no whole-model fp32 copy ever exists; in "int4" mode Q4_1
+blocks are repacked into the int4 kernel's format without passing through floats.
+
+Modes: "fp32", "bf16" (dense weights in that dtype), "int8" (per-channel int8 weights),
+"int4" (group-wise int4 weights; embedding and LM head int8). Q/K rows keep llama.cpp's
+permutation; the model rotates adjacent pairs to match (see engine/llama.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf.constants import GGMLQuantizationType
+from torch import Tensor
+
+from engine.errors import ModelFormatError
+from engine.gguf_file import GGUFFile, GGUFTensor
+from engine.llama import Attention, Block, FeedForward, Llama, LlamaArgs, RMSNorm
+from engine.quant import DenseLinear, Int4Linear, Int8Linear, QuantLinear, int8_quantize_levels, q4_1_unpack, q8_0_dequantize, q8_0_unpack
+
+MODES = ("fp32", "bf16", "int8", "int4")
+SUPPORTED_ARCHITECTURES = ("llama",)
+_ROW_CHUNK = 4096  # rows dequantised at a time: bounds the fp32 temporaries of big tensors
+
+
+def llama_args_from_gguf(gguf: GGUFFile) -> LlamaArgs:
+    arch = gguf.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(
+            f"{gguf.path.name}: architecture {arch!r} (general.architecture) is not supported by the embedded engine",
+            f"use a GGUF of architecture {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    dim = int(gguf.arch_param("embedding_length"))
+    n_heads = int(gguf.arch_param("attention.head_count"))
+    n_kv_heads = int(gguf.arch_param("attention.head_count_kv", n_heads))
+    head_dim = int(gguf.arch_param("attention.key_length", dim // n_heads))
+    rope_dims = int(gguf.arch_param("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelFormatError(f"{gguf.path.name}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
+    if gguf.arch_param("rope.scaling.type", "none") not in ("none", None):
+        raise ModelFormatError(f"{gguf.path.name}: RoPE scaling {gguf.arch_param('rope.scaling.type')!r} is not supported")
+    embd = gguf.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelFormatError(f"{gguf.path.name}: missing tensor 'token_embd.weight'")
+    return LlamaArgs(
+        vocab_size=int(embd.shape[0]),
+        dim=dim,
+        n_layers=int(gguf.arch_param("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        ffn_dim=int(gguf.arch_param("feed_forward_length")),
+        norm_eps=float(gguf.arch_param("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(gguf.arch_param("rope.freq_base", 10000.0)),
+        context_length=int(gguf.arch_param("context_length")),
+        rope_interleaved=True,
+    )
+
+
+def expected_shapes(args: LlamaArgs, tied: bool) -> dict[str, tuple[int, ...]]:
+    E, F, D = args.dim, args.ffn_dim, args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (args.vocab_size, E), "output_norm.weight": (E,)}
+    if not tied:
+        shapes["output.weight"] = (args.vocab_size, E)
+    for i in range(args.n_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (E,),
+            p + "attn_q.weight": (args.n_heads * D, E),
+            p + "attn_k.weight": (args.n_kv_heads * D, E),
+            p + "attn_v.weight": (args.n_kv_heads * D, E),
+            p + "attn_output.weight": (E, args.n_heads * D),
+            p + "ffn_norm.weight": (E,),
+            p + "ffn_gate.weight": (F, E),
+            p + "ffn_up.weight": (F, E),
+            p + "ffn_down.weight": (E, F),
+        })
+    return shapes
+
+
+def check_tensors(gguf: GGUFFile, args: LlamaArgs) -> bool:
+    """Strict name and shape check; returns whether the LM head is tied to the embedding."""
+    tied = "output.weight" not in gguf.tensors
+    want = expected_shapes(args, tied)
+    for name, shape in want.items():
+        t = gguf.tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{gguf.path.name}: missing tensor {name!r}", "the GGUF is incomplete or not a Llama checkpoint")
+        if tuple(t.shape) != shape:
+            raise ModelFormatError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    extra = sorted(set(gguf.tensors) - set(want))
+    if extra:
+        raise ModelFormatError(f"{gguf.path.name}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), "this Llama variant is not supported")
+    return tied
+
+
+def _raw(t: GGUFTensor) -> Tensor:
+    return torch.from_numpy(np.array(t.data))  # copy: the memory map is read-only
+
+
+def dequantize_rows(t: GGUFTensor, lo: int, hi: int) -> Tensor:
+    """fp32 rows lo..hi of a tensor ([N, K] or [N])."""
+    if t.ggml_type == GGMLQuantizationType.F32:
+        return torch.from_numpy(np.array(t.data[lo:hi], dtype=np.float32))
+    if t.ggml_type == GGMLQuantizationType.F16:
+        return torch.from_numpy(np.array(t.data[lo:hi], dtype=np.float32))
+    chunk = torch.from_numpy(np.array(t.data[lo:hi]))
+    if t.ggml_type == GGMLQuantizationType.Q8_0:
+        return q8_0_dequantize(*q8_0_unpack(chunk))
+    if t.ggml_type == GGMLQuantizationType.Q4_1:
+        q, scale, minimum = q4_1_unpack(chunk)
+        n, k = q.shape
+        return (q.float().view(n, -1, 32) * scale[..., None] + minimum[..., None]).view(n, k)
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.asarray(dequantize(t.data[lo:hi], t.ggml_type), dtype=np.float32).reshape(hi - lo, -1))
+
+
+def dequantize_to(t: GGUFTensor, dtype: torch.dtype) -> Tensor:
+    rows = t.shape[0]
+    if len(t.shape) == 1:
+        return dequantize_rows(t, 0, rows).to(dtype)
+    out = torch.empty(t.shape, dtype=dtype)
+    for lo in range(0, rows, _ROW_CHUNK):
+        hi = min(rows, lo + _ROW_CHUNK)
+        out[lo:hi] = dequantize_rows(t, lo, hi)
+    return out
+
+
+def _int8_parts(t: GGUFTensor, levels: int = 1) -> tuple[Tensor, Tensor]:
+    """Per-channel int8 of a tensor, chunk by chunk; with 2 levels the rows are ordered
+    [all first-level rows; all second-level rows] as Int8Linear expects."""
+    qs: list[list[Tensor]] = [[] for _ in range(levels)]
+    scales: list[list[Tensor]] = [[] for _ in range(levels)]
+    for lo in range(0, t.shape[0], _ROW_CHUNK):
+        q, s = int8_quantize_levels(dequantize_rows(t, lo, min(t.shape[0], lo + _ROW_CHUNK)), levels)
+        for level, (ql, sl) in enumerate(zip(q.chunk(levels), s.chunk(levels))):
+            qs[level].append(ql)
+            scales[level].append(sl)
+    return torch.cat([x for level in qs for x in level]), torch.cat([x for level in scales for x in level])
+
+
+def _int4_parts(t: GGUFTensor) -> tuple[Tensor, Tensor, Tensor]:
+    if t.ggml_type == GGMLQuantizationType.Q4_1:
+        return q4_1_unpack(_raw(t))  # exact: Q4_1 is the kernel's format with another zero point
+    from engine.quant import int4_quantize
+
+    return int4_quantize(dequantize_to(t, torch.float32))
+
+
+def make_linear(mode: str, parts: list[GGUFTensor]) -> QuantLinear:
+    """One layer from tensors whose rows are stacked (fused Q/K/V, gate/up)."""
+    if mode in ("fp32", "bf16"):
+        dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+        return DenseLinear(torch.cat([dequantize_to(t, dtype) for t in parts]))
+    if mode == "int8":
+        qs, scales = zip(*(_int8_parts(t) for t in parts))
+        return Int8Linear(torch.cat(qs), torch.cat(scales))
+    if mode == "int4":
+        q, scale, minimum = (torch.cat(x) for x in zip(*(_int4_parts(t) for t in parts)))
+        return Int4Linear(q, scale, minimum)
+    raise ValueError(f"unknown weight mode {mode!r}; choose one of {MODES}")
+
+
+def make_embedding(mode: str, t: GGUFTensor) -> QuantLinear:
+    """The embedding (and tied head) in the quantised modes: two-level int8. int4 packs
+    cannot be read by row; one int8 level costs 1.4 points of agreement with llama.cpp
+    (Q8_0's per-32 scales blur into one per row); a dense head is 10x slower per token."""
+    if mode in ("int8", "int4"):
+        return Int8Linear(*_int8_parts(t, levels=2), levels=2)
+    return make_linear(mode, [t])
+
+
+def build_llama(gguf: GGUFFile, mode: str, progress: Callable[[int, int], None] | None = None) -> Llama:
+    if mode not in MODES:
+        raise ValueError(f"unknown weight mode {mode!r}; choose one of {MODES}")
+    args = llama_args_from_gguf(gguf)
+    tied = check_tensors(gguf, args)
+    T = gguf.tensors
+    embedding = make_embedding(mode, T["token_embd.weight"])
+    head = embedding if tied else make_embedding(mode, T["output.weight"])
+    blocks = []
+    for i in range(args.n_layers):
+        p = f"blk.{i}."
+        attn = Attention(args, make_linear(mode, [T[p + "attn_q.weight"], T[p + "attn_k.weight"], T[p + "attn_v.weight"]]), make_linear(mode, [T[p + "attn_output.weight"]]))
+        ffn = FeedForward(make_linear(mode, [T[p + "ffn_gate.weight"], T[p + "ffn_up.weight"]]), make_linear(mode, [T[p + "ffn_down.weight"]]))
+        norm = lambda name: RMSNorm(dequantize_to(T[p + name], torch.float32), args.norm_eps)  # noqa: E731
+        blocks.append(Block(args, norm("attn_norm.weight"), attn, norm("ffn_norm.weight"), ffn))
+        if progress:
+            progress(i + 1, args.n_layers)
+    norm = RMSNorm(dequantize_to(T["output_norm.weight"], torch.float32), args.norm_eps)
+    return Llama(args, embedding, blocks, norm, head).eval()

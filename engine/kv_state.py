@@ -1,0 +1,87 @@
+"""The attention KV cache of one sequence batch: preallocated, exportable, restorable.
+
+Layout per layer: keys and values [B, Hkv, max_len, D] (one tensor [L, B, Hkv, max_len, D]
+each), so attention reads a contiguous [:, :, :length] slice. `torch.empty` reserves the
+whole context without touching it; memory grows only as tokens are written.
+`length` counts tokens whose keys and values are complete in every layer: the model raises
+it only after a whole forward pass, so an interrupted pass leaves the state consistent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.errors import EngineError
+
+FORMAT_VERSION = 1
+
+
+class KVState:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, batch: int = 1):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, dtype=dtype)
+        self.v = torch.empty(shape, dtype=dtype)
+        self.length = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tokens (what an export carries)."""
+        per_token = 2 * self.k[:, :, :, :1].numel() * self.k.element_size()
+        return per_token * self.length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens (to rewind a prefix); returns how many were dropped."""
+        dropped = max(0, min(n, self.length))
+        self.length -= dropped
+        return dropped
+
+    def _meta_shape(self) -> dict:
+        _, batch, heads, _, dim = self.k.shape
+        return {"n_layers": self.n_layers, "batch": batch, "n_kv_heads": heads, "head_dim": dim, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        """Copies of the stored keys/values and the metadata needed to check a restore."""
+        n = self.length
+        tensors = {"k": self.k[:, :, :, :n].clone(), "v": self.v[:, :, :, :n].clone()}
+        meta = {"format_version": FORMAT_VERSION, "length": n, **self._meta_shape()}
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Load an export into this (preallocated) state; a mismatch raises EngineError."""
+        expected = {"format_version": FORMAT_VERSION, **self._meta_shape()}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise EngineError(
+                    f"saved KV state does not fit this model: {key} is {meta.get(key)!r}, expected {value!r}",
+                    "the cache entry was written for another model or engine version; it will be recomputed",
+                )
+        n = int(meta.get("length", -1))
+        if not 0 <= n <= self.max_len:
+            raise EngineError(f"saved KV state holds {n} tokens; this state has room for {self.max_len}", "use a larger context")
+        for name, buf in (("k", self.k), ("v", self.v)):
+            t = tensors.get(name)
+            want = (*buf.shape[:3], n, buf.shape[4])
+            if t is None or tuple(t.shape) != want:
+                raise EngineError(f"saved KV state tensor {name!r} has shape {None if t is None else tuple(t.shape)}, expected {want}")
+            buf[:, :, :, :n].copy_(t)
+        self.length = n

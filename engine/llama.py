@@ -1,0 +1,192 @@
+"""Llama-architecture transformer (SmolLM2 and kin): math only, no I/O, no globals.
+
+Shape key: B batch, T new tokens, L cached + new tokens, H query heads, Hkv key/value heads,
+G = H / Hkv query heads per KV head, D head dim, E model dim.
+
+Numerics: the residual stream, norms, RoPE and softmax run in fp32; the linear layers take
+their inputs in the layers' compute dtype (bf16 for bf16/int8/int4 weights). All-bf16 turns
+SmolLM2's answers into garbage; an fp32 residual fixes it.
+
+RoPE rotates adjacent pairs (2i, 2i+1): llama.cpp's converter permutes the rows of Q and K
+for arch "llama" so that this "interleaved" form equals HF's rotate-half on the original
+weights. `rope_interleaved=False` is HF's half-split form for unpermuted weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.kv_state import KVState
+from engine.quant import QuantLinear
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    rope_theta: float
+    context_length: int
+    rope_interleaved: bool = True
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_table(head_dim: int, theta: float, length: int) -> Tensor:
+    """cos/sin of every position: fp32 [length, D/2, 2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs, wqkv: QuantLinear, wo: QuantLinear):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.interleaved = args.rope_interleaved
+        self.wqkv = wqkv  # Q, K and V rows stacked: one matmul instead of three
+        self.wo = wo
+
+    def forward(self, h: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+        """h [B, T, E] (normed); rope [T, H + Hkv, D/2] complex (query rows pre-scaled by
+        1/sqrt(D)); caches [B, Hkv, max_len, D], written at start..start+T. Returns [B, T, E]."""
+        B, T, _ = h.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(h)
+        qk = qkv[..., : (H + Hkv) * D].float().view(B, T, H + Hkv, D)
+        qk = _apply_rope(qk, rope, self.interleaved).to(k_cache.dtype)
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        end = start + T
+        k_cache[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+        v_cache[:, :, start:end] = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        if T == 1:
+            out = _decode_attention(q, k, v)
+        else:
+            mask = None
+            if start:
+                # Query i sits at position start + i and may see keys 0..start + i.
+                mask = torch.arange(end).unsqueeze(0) <= (torch.arange(T) + start).unsqueeze(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not start, scale=1.0, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+def _apply_rope(x: Tensor, rope: Tensor, interleaved: bool) -> Tensor:
+    """x fp32 [B, T, heads, D]; rope complex [T, heads, D/2]."""
+    B, T, heads, D = x.shape
+    if interleaved:
+        xc = torch.view_as_complex(x.view(B, T, heads, D // 2, 2))
+        return torch.view_as_real(xc * rope).view(B, T, heads, D)
+    half = torch.view_as_complex(torch.stack([x[..., : D // 2], x[..., D // 2 :]], dim=-1).contiguous())
+    r = torch.view_as_real(half * rope)
+    return torch.cat([r[..., 0], r[..., 1]], dim=-1)
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One query per sequence, by hand: SDPA's bf16 path costs ~10x more at T = 1.
+    q [B, H, 1, D] (pre-scaled), k/v [B, Hkv, L, D] -> [B, H, 1, D]."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, G, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w_gate_up: QuantLinear, w_down: QuantLinear):
+        super().__init__()
+        self.w_gate_up = w_gate_up  # gate rows then up rows: one matmul
+        self.w_down = w_down
+        self.hidden = w_down.in_features
+
+    def forward(self, h: Tensor) -> Tensor:
+        gu = self.w_gate_up(h)
+        gate, up = gu[..., : self.hidden], gu[..., self.hidden :]
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: LlamaArgs, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, k_cache, v_cache, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: LlamaArgs, embedding: QuantLinear, blocks: list[Block], norm: RMSNorm, head: QuantLinear):
+        super().__init__()
+        self.args = args
+        self.embedding = embedding  # rows(ids) gives the input vectors; may be the head itself
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.head = head
+        table = rope_table(args.head_dim, args.rope_theta, args.context_length)
+        self.register_buffer("rope", torch.view_as_complex(table), persistent=False)  # [ctx, D/2]
+        head_scale = torch.ones(args.n_heads + args.n_kv_heads)
+        head_scale[: args.n_heads] = 1.0 / math.sqrt(args.head_dim)  # softmax scale folded into Q's rotation
+        self.register_buffer("head_scale", head_scale.view(1, -1, 1), persistent=False)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.blocks[0].attn.wqkv.compute_dtype
+
+    def new_state(self, batch: int = 1, max_len: int | None = None) -> KVState:
+        a = self.args
+        return KVState(a.n_layers, a.n_kv_heads, a.head_dim, max_len or a.context_length, self.cache_dtype, batch)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, state: KVState, output: str = "all") -> Tensor | None:
+        """tokens [B, T] appended after state.length cached tokens -> fp32 logits [B, T, V];
+        output="last": [B, 1, V] for the last position only; "none": no head at all (a
+        prefill chunk whose logits nobody reads). Advances state.length."""
+        B, T = tokens.shape
+        start = state.length
+        if start + T > state.max_len:
+            raise ValueError(f"{start + T} tokens exceed the state's {state.max_len}")
+        rope = self.rope[start : start + T].unsqueeze(1) * self.head_scale  # [T, H + Hkv, D/2]
+        x = self.embedding.rows(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, state.k[i], state.v[i], start)
+        if output == "none":
+            state.length = start + T
+            return None
+        if output == "last":
+            x = x[:, -1:]
+        h = self.norm(x)
+        logits = self.head(h).float()
+        if self.head.compute_dtype != torch.float32:
+            logits = self._refine_top(logits, h)
+        state.length = start + T
+        return logits
+
+    def _refine_top(self, logits: Tensor, h: Tensor, k: int = 32) -> Tensor:
+        """Recompute the `k` highest logits of each position in fp32. A bf16 head rounds
+        logits of ~20 to within ~0.05, enough to flip near-ties of the argmax (1.4 points of
+        agreement with llama.cpp); the candidates that sampling can pick get exact values."""
+        k = min(k, logits.shape[-1])
+        idx = logits.topk(k, dim=-1).indices  # [B, T, k]
+        rows = self.head.rows(idx)  # [B, T, k, E] fp32
+        exact = torch.matmul(rows, h.unsqueeze(-1)).squeeze(-1)
+        return logits.scatter_(-1, idx, exact)

@@ -1,0 +1,214 @@
+"""Linear layers whose weights stay in their storage format: dense, int8 and group-wise int4.
+
+Every layer maps `x [..., K]` to `y [..., N]` for a weight `W [N, K]` (torch's `out, in`
+order) and offers `rows(ids)`, the dequantised rows of W in fp32, so a tied embedding and
+LM head share one quantised matrix.
+
+Formats
+- Dense: W in fp32 or bf16; `forward` casts x to W's dtype.
+- Int8 (weight-only, per output channel): `q int8 [N, K]`, `scale [N]`, W = q * scale[n].
+  Fast path `torch.ops.aten._weight_int8pack_mm(x bf16 [M, K], q, scale bf16) -> [M, N]`.
+- Int4 (group-wise, asymmetric, group of G = 32 along K): values `q` in 0..15 and per group
+  a `scale` and a `minimum`, W = q * scale + minimum. This is exactly GGUF's Q4_1 block:
+  20 bytes per 32 weights = f16 d, f16 m, then 16 bytes whose low nibble is element j and
+  high nibble element j + 16 (j < 16). The CPU kernel
+  `torch.ops.aten._weight_int4pack_mm_for_cpu(x bf16 [M, K], packed, G, scale_zeros)`
+  computes W = (q - 8) * scale + zero, so zero = minimum + 8 * scale; `scale_zeros` is
+  [K / G, N, 2] (scale, zero) in x's dtype, and `packed` comes from
+  `_convert_weight_to_int4pack_for_cpu(q int32 [N, K], inner_k_tiles)` (layout private to
+  the kernel). The kernel requires bf16/fp16 activations: fp32 inputs take a path about
+  25x slower, so int4 and int8 layers compute in bf16 (the residual stream stays fp32 in
+  the model).
+
+Each format has a pure reference beside its kernel (`*_dequantize`: rebuild W in fp32, then
+an ordinary matmul); tests hold the kernels to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT4_GROUP = 32
+_INT4_INNER_K_TILES = 2  # the CPU packer accepts 2/4/8 and packs identically
+
+
+class QuantLinear(nn.Module):
+    """Common interface: forward(x) -> y in `compute_dtype`; rows(ids) -> fp32 rows of W."""
+
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+    mode: str
+
+    def rows(self, ids: Tensor) -> Tensor:  # pragma: no cover - every format overrides it
+        raise NotImplementedError
+
+
+class DenseLinear(QuantLinear):
+    mode = "dense"
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = weight.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.compute_dtype), self.weight)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        return self.weight[ids].float()
+
+    def dequantize(self) -> Tensor:
+        return self.weight.float()
+
+
+# ---- int8 -------------------------------------------------------------------------------
+
+
+def int8_quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: (q int8 [N, K], scale fp32 [N])."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+class Int8Linear(QuantLinear):
+    """Per-channel int8. With `levels=2` the weight is W = q1 * s1 + q2 * s2, the second level
+    quantising the first one's residual (error ~1/64,000 of the row's range instead of
+    ~1/254): both levels run as one kernel call over stacked rows. Used for the tied
+    embedding/LM head, whose Q8_0 per-32 scales a single per-row scale would blur."""
+
+    mode = "int8"
+
+    def __init__(self, q: Tensor, scale: Tensor, compute_dtype: torch.dtype = torch.bfloat16, levels: int = 1):
+        super().__init__()
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],) or q.shape[0] % levels:
+            raise ValueError(f"int8 weight must be int8 [levels * N, K] with scale [levels * N], got {tuple(q.shape)} {q.dtype}, {tuple(scale.shape)}")
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.to(compute_dtype))
+        self.register_buffer("scale_fp32", scale.float())
+        self.levels = levels
+        self.out_features, self.in_features = q.shape[0] // levels, q.shape[1]
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_float(cls, weight: Tensor, compute_dtype: torch.dtype = torch.bfloat16, levels: int = 1) -> "Int8Linear":
+        return cls(*int8_quantize_levels(weight, levels), compute_dtype=compute_dtype, levels=levels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.compute_dtype), self.q, self.scale)
+        if self.levels == 2:
+            n = self.out_features
+            y = y[:, :n] + y[:, n:]
+        return y.view(*lead, self.out_features)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        out = self.q[ids].float() * self.scale_fp32[ids].unsqueeze(-1)
+        if self.levels == 2:
+            second = ids + self.out_features
+            out += self.q[second].float() * self.scale_fp32[second].unsqueeze(-1)
+        return out
+
+    def dequantize(self) -> Tensor:
+        w = int8_dequantize(self.q, self.scale_fp32)
+        return w.view(self.levels, self.out_features, self.in_features).sum(0)
+
+
+def int8_quantize_levels(weight: Tensor, levels: int = 1) -> tuple[Tensor, Tensor]:
+    """`levels` stacked per-channel int8 quantisations, each of the previous residual."""
+    residual = weight.float()
+    qs, scales = [], []
+    for _ in range(levels):
+        q, scale = int8_quantize(residual)
+        qs.append(q)
+        scales.append(scale)
+        residual = residual - int8_dequantize(q, scale)
+    return torch.cat(qs), torch.cat(scales)
+
+
+# ---- int4 -------------------------------------------------------------------------------
+
+
+def int4_dequantize(q: Tensor, scale: Tensor, minimum: Tensor, group: int = INT4_GROUP) -> Tensor:
+    """Reference: q [N, K] in 0..15, scale/minimum [N, K / group] -> W fp32 [N, K]."""
+    n, k = q.shape
+    w = q.float().view(n, k // group, group) * scale.float()[..., None] + minimum.float()[..., None]
+    return w.view(n, k)
+
+
+def int4_quantize(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max group quantisation (Q4_1's rule): (q uint8 [N, K], scale, minimum)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    lo = w.amin(dim=-1)
+    hi = w.amax(dim=-1)
+    scale = (hi - lo) / 15.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round((w - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.view(n, k), scale, lo
+
+
+def q4_1_unpack(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """GGUF Q4_1 bytes [N, K / 32 * 20] -> (q uint8 [N, K], scale fp32, minimum fp32 [N, K / 32])."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, 20)
+    scale = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    minimum = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    packed = b[..., 4:20]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # low nibbles: 0..15, high: 16..31
+    return q.reshape(n, -1), scale, minimum
+
+
+def q8_0_unpack(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """GGUF Q8_0 bytes [N, K / 32 * 34] -> (q int8 [N, K], scale fp32 [N, K / 32])."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, 34)
+    scale = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    q = b[..., 2:34].contiguous().view(torch.int8)
+    return q.reshape(n, -1), scale
+
+
+def q8_0_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    n, k = q.shape
+    return (q.float().view(n, k // 32, 32) * scale[..., None]).view(n, k)
+
+
+class Int4Linear(QuantLinear):
+    mode = "int4"
+
+    def __init__(self, q: Tensor, scale: Tensor, minimum: Tensor, group: int = INT4_GROUP, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        n, k = q.shape
+        if k % group or scale.shape != (n, k // group) or minimum.shape != (n, k // group):
+            raise ValueError(f"int4 weight [N, K] = {(n, k)} needs scale/minimum [N, K/{group}], got {tuple(scale.shape)}, {tuple(minimum.shape)}")
+        self.out_features, self.in_features = n, k
+        self.group = group
+        self.compute_dtype = compute_dtype
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INT4_INNER_K_TILES)
+        zero = minimum.float() + 8.0 * scale.float()
+        scale_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(compute_dtype).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros)  # [K / group, N, 2]
+
+    @classmethod
+    def from_float(cls, weight: Tensor, group: int = INT4_GROUP, compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        return cls(*int4_quantize(weight, group), group=group, compute_dtype=compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(self.compute_dtype), self.packed, self.group, self.scale_zeros
+        )
+        return y.view(*lead, self.out_features)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        raise NotImplementedError("the int4 pack has no row access; keep an embedding int8 or dense")
