@@ -46,7 +46,7 @@ def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def run_chunks(model, tokens: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     state, out, pos = model.new_state(tokens.shape[0]), [], 0
     for size in sizes:
-        out.append(model(tokens[:, pos : pos + size], state, pos))
+        out.append(model(tokens[:, pos : pos + size], state, start_pos=pos))
         pos += size
     assert pos == tokens.shape[1] and state.pos == pos
     return torch.cat(out, dim=1)
@@ -188,4 +188,4 @@ def test_generation_loop_hooks(tiny):
     again = tiny.restore_state(saved, meta)
     assert torch.allclose(tiny(tokens[:, 20:], again), full[:, 20:], atol=ATOL)
     with pytest.raises(ValueError, match="start_pos"):
-        tiny(tokens[:, :1], again, 3)
+        tiny(tokens[:, :1], again, start_pos=3)

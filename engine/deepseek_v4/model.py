@@ -242,15 +242,16 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         state: DSV4State | None = None,
-        start_pos: int | None = None,
-        *,
         last_only: bool = False,
+        *,
+        start_pos: int | None = None,
         attn_impl: str = "sparse",
     ) -> torch.Tensor:
         """tokens [B,T] at positions start_pos.. -> fp32 logits [B,T,V] ([B,1,V] if last_only).
 
+        The positional signature is the `mini` Llama's, so one generation loop drives both.
         With no state the call is a one-shot prefill from position 0 on a fresh state;
-        with one, `start_pos` defaults to `state.pos` and the state advances by T.
+        with one, `start_pos` (a check) defaults to `state.pos` and the state advances by T.
         """
         if state is None:
             state = self.new_state(tokens.shape[0])
