@@ -188,7 +188,8 @@ class Compressor(nn.Module):
         first_window = (start_pos - st.pending_kv.shape[1]) // m
         n_full = kv.shape[1] // m
         cut = n_full * m
-        st.pending_kv, st.pending_score = kv[:, cut:], score[:, cut:]
+        # copies, so the state never pins this call's whole projection
+        st.pending_kv, st.pending_score = kv[:, cut:].clone(), score[:, cut:].clone()
         if n_full == 0:
             return
         kv = kv[:, :cut].unflatten(1, (n_full, m))  # [B, n, m, coff*D]
@@ -196,7 +197,7 @@ class Compressor(nn.Module):
         if self.overlap:
             prev_kv = torch.cat((st.prev_kv[:, None], kv[:, :-1]), dim=1)
             prev_score = torch.cat((st.prev_score[:, None], score[:, :-1]), dim=1)
-            st.prev_kv, st.prev_score = kv[:, -1], score[:, -1]
+            st.prev_kv, st.prev_score = kv[:, -1].clone(), score[:, -1].clone()
             kv = torch.cat((prev_kv[..., :d], kv[..., d:]), dim=2)  # [B, n, 2m, D]
             score = torch.cat((prev_score[..., :d], score[..., d:]), dim=2)
         entries = (kv * score.softmax(dim=2)).sum(dim=2)
