@@ -194,9 +194,11 @@ class _TextBuilder(HTMLParser):
         elif tag == "dl":
             self._block(BLANK)
         elif tag == "dt":
+            self._flush()
             self._close("definition")
             self._block(LINE)
         elif tag == "dd":
+            self._flush()
             self._close("definition")
             self._block(LINE)
             self.containers.append(_Container("definition", first="    ", rest="    "))

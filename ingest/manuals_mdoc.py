@@ -497,6 +497,7 @@ def _it(r: Any, rest: str) -> None:
     out.tag_indent = block.base
     if block.kind in ("bullet", "dash", "hyphen", "enum"):
         block.number += 1
+        out.tag_gap = 1
         out.indent = block.body
         out.tag = {"bullet": "\u2022", "enum": f"{block.number}."}.get(block.kind, "-")
         return

@@ -225,3 +225,251 @@ def test_cache_passes_non_documents_through(tmp_path: Path) -> None:
     converter = CountingConverter()
     assert ConversionCache(tmp_path).get_or_convert("main.py", b"print(1)\n", True, converter) is None
     assert converter.calls == ["main.py"] and _cache_files(tmp_path) == []
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+def _fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def test_html_page_as_readable_text() -> None:
+    text = convert("docs/guide.html", _fixture("guide.html"), document_mode=True)
+    assert text == """\
+# Tool manual
+
+The tool copies files & directories safely. See the website (https://example.org/tool) or options.
+
+## Options <flags>
+
+- Use `--force` to overwrite
+- Nested:
+  3. three
+  4. four
+- Last item
+
+  second paragraph
+
+```sh
+$ tool --force a b
+  indented   line
+
+last <line>
+```
+
+Exit codes
+| Code | Meaning |
+| --- | --- |
+| 0 | success \\| ok |
+| 1 | failure |
+
+> Quoted text
+> second line
+
+term
+    definition of term
+
+[image: A diagram]
+
+Copyright 2024
+"""
+    # What the page hides or decorates never shows.
+    for hidden in ("color: red", "not text", "Home", "Docs", "<b>", "&amp;", "&nbsp;", "Tool manual</title>"):
+        assert hidden not in text
+
+
+def test_html_only_in_document_mode_and_sniffed_without_extension() -> None:
+    page = b"<!DOCTYPE html>\n<html><body><p>Hello</p></body></html>"
+    assert convert("site/index.html", page, document_mode=False) is None
+    assert convert("site/index", page, document_mode=True) == "Hello\n"
+    assert convert("site/page.xhtml", b'<?xml version="1.0"?>\n<!-- c -->\n<html><p>x</p></html>',
+                   document_mode=True) == "x\n"
+    assert document_kind("template.j2", b"{% extends 'base.html' %}", document_mode=True) is None
+
+
+def test_html_tolerates_unclosed_tags_and_declared_charsets() -> None:
+    page = ("<html><head><meta charset=iso-8859-1><title>T</title>"
+            "<h1>R\u00e9sum\u00e9</h1><p>one<p>two<ul><li>a<li>b<ul><li>c</ul><li>d</ul>"
+            "<dl><dt>k<dd>v<dt>k2<dd>v2</dl>").encode("latin-1")
+    assert convert("a.htm", page, document_mode=True) == (
+        "# R\u00e9sum\u00e9\n\none\n\ntwo\n\n- a\n- b\n  - c\n- d\n\nk\n    v\nk2\n    v2\n")
+
+
+def test_html_pre_keeps_text_verbatim_with_a_long_enough_fence() -> None:
+    page = b"<pre>\n  x = `a`\n  ```\n\n\tdone &lt;ok&gt;</pre><p>after</p>"
+    assert convert("a.html", page, document_mode=True) == (
+        "````\n  x = `a`\n  ```\n\n\tdone <ok>\n````\n\nafter\n")
+
+
+def test_html_links_and_layout_tables() -> None:
+    page = (b'<table><tr><td><a href="https://x.org/a">A</a> and <a href="rel.html">rel</a>'
+            b' <a href="https://x.org/b">https://x.org/b</a></td></tr></table>'
+            b'<p><a href="mailto:me@x.org">me@x.org</a> <a href="javascript:void(0)">js</a></p>')
+    assert convert("a.html", page, document_mode=True) == (
+        "A (https://x.org/a) and rel https://x.org/b\n\nme@x.org js\n")
+
+
+# --- man pages --------------------------------------------------------------------------------
+
+LS_EXPECTED = """\
+LS(1)                           User Commands                            LS(1)
+
+NAME
+       ls - list directory contents
+
+SYNOPSIS
+       ls [OPTION]... [FILE]...
+
+DESCRIPTION
+       List information about the FILEs (the current directory by default). Sort entries \
+alphabetically if none of -cftuvSUX nor --sort is specified.
+
+       Mandatory arguments to long options are mandatory for short options too.
+
+       -a, --all
+              do not ignore entries starting with .
+
+       -l     use a long listing format
+
+       --color[=WHEN]
+              color the output; WHEN can be 'always', 'auto', or 'never'
+
+       -w, --width=COLS
+              set output width to COLS.  0 means no limit
+
+       The SIZE argument is an integer and optional unit (example: 10K is 10*1024).
+
+   Exit status:
+       0      if OK,
+
+       1      if minor problems (e.g., cannot access subdirectory),
+
+EXAMPLES
+       List a directory\u2014the long way:
+
+              $ ls -l /tmp
+              total 0
+              drwx------  2 root root 40 Apr  1 12:00 systemd-private
+
+       Escapes: backslash \\, em dash \u2014, bullet \u2022, copyright \u00a9, quotes \u201chi\u201d.
+
+SEE ALSO
+       Full documentation <https://www.gnu.org/software/coreutils/ls>
+       or available locally via: info '(coreutils) ls invocation'
+
+GNU coreutils 9.4                 April 2024                             LS(1)
+"""
+
+
+def test_man_page_renders_like_man() -> None:
+    # The layout `man ls` shows (checked against groff with a wide terminal), unwrapped.
+    assert convert("man/man1/ls.1", _fixture("ls.1"), document_mode=True) == LS_EXPECTED
+
+
+def test_compressed_man_pages() -> None:
+    import bz2
+    import lzma
+
+    source = _fixture("ls.1")
+    for name, packed in (("ls.1.gz", gzip.compress(source, mtime=0)), ("ls.1.bz2", bz2.compress(source)),
+                         ("ls.1.xz", lzma.compress(source))):
+        assert convert(f"man1/{name}", packed, document_mode=True) == LS_EXPECTED
+    with pytest.raises(ConversionError, match="corrupt gzip"):
+        convert("man1/ls.1.gz", gzip.compress(source)[:-30], document_mode=True)
+
+
+def test_mdoc_page() -> None:
+    text = convert("man/cat.1", _fixture("cat.1"), document_mode=True)
+    assert text.startswith("CAT(1)                     General Commands Manual                      CAT(1)\n\n"
+                           "NAME\n     cat \u2014 concatenate and print files\n\n"
+                           "SYNOPSIS\n     cat [-benstuv] [-o output] [file ...]\n\n")
+    assert ("If file is a single dash (\u2018-\u2019) or absent, cat reads from the standard input.\n\n"
+            "     The options are as follows:\n\n"
+            "     -b      Number the lines, but don't count blank lines.\n\n"
+            "     -n      Number the output lines, starting at 1.\n\n"
+            "     -o output, --output=output\n"
+            "             Write to output instead of the standard output.\n\n"
+            "     -v [-e | -t]\n"
+            "             Displays non-printing characters so they are visible.\n\n"
+            "     Lists may nest:\n     \u2022 first item\n     \u2022 second item\n") in text
+    assert "EXIT STATUS\n     The cat utility exits 0 on success, and >0 if an error occurs.\n" in text
+    assert "\n           $ cat file1\n\n     A longer display:\n\n           $ cat file1 - file2 > file3\n" \
+           "           $ echo done\n" in text
+    assert "SEE ALSO\n     head(1), less(1), tail(1)\n" in text
+    assert "IEEE Std 1003.1-2008 (\u201cPOSIX.1\u201d) specification." in text
+    assert "appeared in Version 1 AT&T UNIX.\n" in text
+    assert text.endswith("March 1 2024                           CAT(1)\n")
+
+
+def test_pod2man_preamble_macros_conditions_and_tables() -> None:
+    # pod2man's preamble defines macros, strings inside .ie/.el blocks and a .tr.
+    text = convert("man/perl-module.3pm", _fixture("perl-module.3pm"), document_mode=True)
+    assert "SYNOPSIS\n         use Foo::Bar;\n         my $bar = Foo::Bar->new(name => \"x\");\n" in text
+    assert 'This module does "foo" things -- quickly.\n' in text
+    assert "       \u2022   first bullet\n\n       \u2022   second bullet\n\n" \
+           "           with a second paragraph\n" in text
+    assert "   Methods\n       new(%args)\n           Creates an object. Don't worry.\n" in text
+    assert "       Name   Value\n       alpha  1\n       beta   a long text block\n" in text
+    for leaked in ("Index:", "diablo", "\\*", "\\f", ".IX", "Vb"):
+        assert leaked not in text
+
+
+def test_roff_escapes_and_requests() -> None:
+    page = (
+        ".TH T 7\n.SH NAME\n"
+        ".\\\" a comment\n"
+        "\\fBbold\\fP \\fIital\\fR \\f(CWmono\\fP \\e \\- \\(em \\[u00E9] \\*(lqq\\*(rq \\&.dot "
+        "a\\ b \\s-1small\\s0 \\(*a \\['e]\n"
+        ".ds Pkg dsv4\n.nr N 3\n"
+        "Package \\*[Pkg], \\nN times\\c\n"
+        "joined.\n"
+        ".de Twice\n\\\\$1 \\\\$1\n..\n.Twice hey\n"
+        ".de Loop\n.Loop\n..\n.Loop\n"
+        ".if t \\{\\\ntypeset only\n.\\}\n"
+        ".ie n nroff yes\n.el nroff no\n"
+        ".ig\nignored text\n..\n"
+        ".so man7/other.7\n"
+    )
+    text = convert("t.7", page.encode(), document_mode=True)
+    assert text.splitlines()[2:6] == [
+        "NAME",
+        "       bold ital mono \\ - \u2014 \u00e9 \u201cq\u201d .dot a b small \u03b1 \u00e9 "
+        "Package dsv4, 3 timesjoined. hey hey nroff yes",
+        "       See man7/other.7.",
+        "",
+    ]
+    for absent in ("comment", "typeset only", "nroff no", "ignored"):
+        assert absent not in text
+
+
+def test_man_pages_only_in_document_mode_and_only_when_roff() -> None:
+    ls = _fixture("ls.1")
+    assert convert("man/ls.1", ls, document_mode=False) is None
+    assert document_kind("man/ls.1", ls, document_mode=True) == "man"
+    # Content decides for names that do not look like man pages...
+    assert document_kind("doc/ls.roff.in", ls, document_mode=True) == "man"
+    # ...and a man-like name is not enough.
+    assert document_kind("lib/libz.so.1", b"\x7fELF\x02\x01\x01", document_mode=True) is None
+    assert document_kind("notes.1", b"Release notes for 1.0\n", document_mode=True) is None
+
+
+@pytest.mark.parametrize("name", ["README.md", "guide.rst", "notes.txt", "main.py", "data.json"])
+def test_text_formats_are_packed_as_they_are(name: str) -> None:
+    data = b"# Title\n\nSome *text* and `code`.\n"
+    assert convert(name, data, document_mode=True) is None
+    assert convert(name, data, document_mode=False) is None
+
+
+def test_every_conversion_is_deterministic_and_ends_with_a_newline() -> None:
+    documents = {
+        "a.pdf": make_pdf(THREE_PAGES),
+        "guide.html": _fixture("guide.html"),
+        "ls.1": _fixture("ls.1"),
+        "cat.1": _fixture("cat.1"),
+        "perl-module.3pm": _fixture("perl-module.3pm"),
+        "empty.html": b"<html><head><title>x</title></head></html>",
+    }
+    for name, data in documents.items():
+        first = convert(name, data, document_mode=True)
+        assert first is not None and first.endswith("\n") and not first.endswith("\n\n"), name
+        assert convert(name, bytes(data), document_mode=True).encode() == first.encode(), name
