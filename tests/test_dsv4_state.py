@@ -12,7 +12,7 @@ from dsv4_tiny import write_tiny
 from engine.deepseek_v4.config import ModelArgs
 from engine.deepseek_v4.state import DSV4State, kv_bytes, kv_growth_per_token, storage_formats
 from engine.deepseek_v4.weights import load_checkpoint
-from engine.errors import ModelFormatError
+from engine.errors import EngineError, ModelFormatError
 
 DATA = Path(__file__).parent / "data"
 ATOL = 1e-4  # fp32: different chunkings reorder sums, nothing more
@@ -178,7 +178,9 @@ def test_generation_loop_hooks(tiny):
     tokens = ids(1, 30, seed=5)
     full = tiny(tokens)
     state = tiny.new_state(1, max_len=64)
-    last = tiny(tokens[:, :20], state, last_only=True)
+    assert state.max_len == 64 and tiny.new_state(1).max_len == tiny.args.context_length
+    assert tiny(tokens[:, :12], state, "none") is None
+    last = tiny(tokens[:, 12:20], state, "last")
     assert last.shape == (1, 1, 512) and state.length == 20
     assert torch.allclose(last, full[:, 19:20], atol=ATOL)
     saved, meta = state.export()
@@ -189,3 +191,28 @@ def test_generation_loop_hooks(tiny):
     assert torch.allclose(tiny(tokens[:, 20:], again), full[:, 20:], atol=ATOL)
     with pytest.raises(ValueError, match="start_pos"):
         tiny(tokens[:, :1], again, start_pos=3)
+    assert again.trim(0) == 0
+    with pytest.raises(EngineError, match="rewind"):
+        again.trim(1)
+    with pytest.raises(ValueError, match="exceed"):
+        tiny(ids(1, 65), tiny.new_state(1, max_len=64))
+
+
+@torch.no_grad()
+def test_an_interrupted_pass_leaves_an_unusable_state(tiny, monkeypatch):
+    state = tiny.new_state(1)
+    tiny(ids(1, 10), state)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny.layers[2], "forward", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tiny(ids(1, 5), state)
+    monkeypatch.undo()
+    with pytest.raises(EngineError, match="interrupted"):
+        tiny(ids(1, 5), state)
+    with pytest.raises(EngineError, match="interrupted"):
+        state.export()
+    state.reset()
+    assert torch.isfinite(tiny(ids(1, 5), state)).all()

@@ -158,6 +158,10 @@ class ModelArgs:
         return CSA if ratio == CSA_RATIO else HCA
 
     @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.qk_rope_head_dim
 

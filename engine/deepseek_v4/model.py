@@ -211,11 +211,14 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args, n_main + i, simulate) for i in range(args.num_nextn_predict_layers))
 
     def new_state(self, batch: int = 1, max_len: int | None = None) -> DSV4State:
-        """An empty state. It grows with the context, so `max_len` (the shared loop's
-        preallocation hint) only checks the limit."""
-        if max_len is not None and max_len > self.args.max_position_embeddings:
-            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {self.args.max_position_embeddings}")
-        return DSV4State.empty(self.args, batch, dtype=self.dtype, device=self.head.weight.device)
+        """An empty state. It grows with the context (nothing is preallocated); `max_len`
+        only caps how many tokens it accepts."""
+        limit = self.args.context_length
+        if max_len is not None and max_len > limit:
+            raise ValueError(f"max_len {max_len} exceeds the model's context of {limit}")
+        state = DSV4State.empty(self.args, batch, dtype=self.dtype, device=self.head.weight.device)
+        state.max_len = max_len or limit
+        return state
 
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> DSV4State:
         """A state from `DSV4State.export()` output, on this model's device and dtype."""
@@ -226,15 +229,22 @@ class Transformer(nn.Module):
         self, tokens: torch.Tensor, state: DSV4State, start_pos: int, attn_impl: str = "sparse"
     ) -> torch.Tensor:
         """tokens [B,T] -> the last block's streams [B,T,S,d]; advances `state` by T."""
+        state.check_usable()
         if start_pos != state.pos:
             raise ValueError(f"start_pos {start_pos} does not continue the state at {state.pos}")
         if tokens.shape[0] != state.batch_size:
             raise ValueError(f"batch {tokens.shape[0]} does not match the state's {state.batch_size}")
+        if start_pos + tokens.shape[1] > state.max_len:
+            raise ValueError(f"{start_pos + tokens.shape[1]} tokens exceed the state's {state.max_len}")
         h = F.embedding(tokens, self.embed.weight).to(self.dtype)
         h = h[:, :, None, :].expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        # Layers update their state as they go; an exception between them (Ctrl-C) would
+        # leave a half-advanced state, so it is marked unusable until the pass completes.
+        state.in_flight = True
         for layer, layer_state in zip(self.layers, state.layers):
             h = layer(h, tokens, start_pos, layer_state, attn_impl)
         state.pos = start_pos + tokens.shape[1]
+        state.in_flight = False
         return h
 
     @torch.no_grad()
@@ -242,23 +252,28 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         state: DSV4State | None = None,
-        last_only: bool = False,
+        output: str = "all",
         *,
         start_pos: int | None = None,
         attn_impl: str = "sparse",
-    ) -> torch.Tensor:
-        """tokens [B,T] at positions start_pos.. -> fp32 logits [B,T,V] ([B,1,V] if last_only).
+    ) -> torch.Tensor | None:
+        """tokens [B,T] at positions start_pos.. -> fp32 logits [B,T,V].
 
-        The positional signature is the `mini` Llama's, so one generation loop drives both.
+        `output`: "all", "last" ([B,1,V]) or "none" (no head: a prefill chunk whose logits
+        nobody reads) -- the `mini` Llama's signature, so one generation loop drives both.
         With no state the call is a one-shot prefill from position 0 on a fresh state;
         with one, `start_pos` (a check) defaults to `state.pos` and the state advances by T.
         """
+        if output not in ("all", "last", "none"):
+            raise ValueError(f"output must be all, last or none, not {output!r}")
         if state is None:
             state = self.new_state(tokens.shape[0])
         if start_pos is None:
             start_pos = state.pos
         h = self.hidden_streams(tokens, state, start_pos, attn_impl)
-        if last_only:
+        if output == "none":
+            return None
+        if output == "last":
             h = h[:, -1:]
         a = self.args
         y = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.rms_norm_eps, a.hc_eps)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from engine.deepseek_v4.config import CSA, CSA_RATIO, HCA, WINDOW, ModelArgs
-from engine.errors import ModelFormatError
+from engine.errors import EngineError, ModelFormatError
 
 STATE_FORMAT = 1
 
@@ -99,6 +99,8 @@ class DSV4State:
 
     pos: int
     layers: list[LayerState]
+    max_len: int = 1 << 62  # tokens the owner allows (the model sets its context length)
+    in_flight: bool = False  # a forward pass is between layers: the layers disagree on pos
 
     @classmethod
     def empty(
@@ -127,6 +129,23 @@ class DSV4State:
         """Tokens consumed (the name the shared generation loop uses)."""
         return self.pos
 
+    def check_usable(self) -> None:
+        if self.in_flight:
+            raise EngineError(
+                "the DeepSeek-V4 state was interrupted in the middle of a forward pass",
+                "start from a new state or restore a saved prefix",
+            )
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens. Only n = 0 is possible: compressed entries and the
+        compressor's rows cannot be un-pooled, so rewinding means restoring an export."""
+        if n > 0:
+            raise EngineError(
+                f"cannot rewind a DeepSeek-V4 state by {n} tokens (compressed KV cannot be undone)",
+                "restore a state exported at the earlier length",
+            )
+        return 0
+
     def reset(self) -> None:
         """Back to an empty context, keeping the batch size, dtype and device."""
         for layer in self.layers:
@@ -138,6 +157,7 @@ class DSV4State:
                     )
                     st.__dict__.update(fresh.__dict__)
         self.pos = 0
+        self.in_flight = False
 
     @property
     def batch_size(self) -> int:
@@ -147,6 +167,7 @@ class DSV4State:
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata): flat `layers.{i}.{part}` tensors (contiguous copies) and JSON-able meta."""
+        self.check_usable()
         tensors = {
             f"layers.{i}.{name}": t.contiguous().clone()
             for i, layer in enumerate(self.layers)
