@@ -174,7 +174,7 @@ def test_pro_kv_is_at_most_11_percent_of_v32():
 
 @torch.no_grad()
 def test_generation_loop_hooks(tiny):
-    """What the shared loop calls: new_state, forward(last_only), length, reset, restore_state."""
+    """What the shared loop calls: new_state, forward(output=...), length, trim, reset, restore_state."""
     tokens = ids(1, 30, seed=5)
     full = tiny(tokens)
     state = tiny.new_state(1, max_len=64)
