@@ -216,3 +216,39 @@ def test_an_interrupted_pass_leaves_an_unusable_state(tiny, monkeypatch):
         state.export()
     state.reset()
     assert torch.isfinite(tiny(ids(1, 5), state)).all()
+
+
+class _AsciiTokenizer:
+    """Ids 0-2 are specials (bos, eos, pad); the rest print as one ASCII letter each."""
+
+    stop_ids = frozenset({1})
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        return b"" if token_id < 3 else bytes([97 + token_id % 26])
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < 3
+
+
+@torch.no_grad()
+def test_the_shared_generation_loop_drives_the_model(tiny):
+    from engine.events import Done, SamplingParams, TextDelta
+    from engine.generate import stream
+
+    prompt = ids(1, 37, seed=6)[0].tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    events = list(stream(tiny, _AsciiTokenizer(), prompt, params, prefill_chunk=10))
+    done = events[-1]
+    assert isinstance(done, Done) and done.usage.prompt_tokens == 37
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+
+    # the same greedy continuation by hand, one-shot over the growing sequence
+    seq, expected = list(prompt), []
+    for _ in range(done.usage.completion_tokens + (done.finish_reason == "stop")):
+        nxt = int(tiny(torch.tensor([seq]))[0, -1].argmax())
+        if nxt in _AsciiTokenizer.stop_ids:
+            break
+        expected.append(nxt)
+        seq.append(nxt)
+    assert text == "".join(_AsciiTokenizer().id_to_bytes(t).decode() for t in expected)
+    assert done.usage.completion_tokens == len(expected)
