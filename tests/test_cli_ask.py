@@ -412,7 +412,7 @@ def _run_cli(args: list[str], *, home: Path, stdin: str | None = None, timeout: 
 @pytest.mark.slow
 @pytest.mark.skipif(not _engine_has_load(), reason="engine.load has not landed")
 def test_end_to_end_with_a_tiny_real_gguf(tmp_path, repo, dsv4_home):
-    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", ctx=2048)
     result = _run_cli(["ask", "--json", "--max-tokens", "6", "--model", str(model), str(repo), QUESTION], home=dsv4_home)
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)

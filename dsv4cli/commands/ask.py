@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperCommand
 
 from dsv4cli import render
-from dsv4cli.console import stdout_is_terminal
+from dsv4cli.console import stdout_is_terminal, warn
 from dsv4cli.errors import EXIT_USAGE, CliError
 from dsv4cli.inputs import AskInputs, resolve_ask_arguments
 from engine import paths
@@ -200,12 +200,12 @@ def _pack(inputs: AskInputs, options: AskOptions, tokenizer: Any, budget: int, c
             )
     except BudgetTooSmall as exc:
         raise CliError(
-            f"context too long: even reduced to file names, the sources do not fit the {budget:,} tokens "
-            f"{name}'s {context:,}-token context leaves ({exc})",
+            f"context too long: {name} holds {context:,} tokens and leaves {budget:,} for the sources, "
+            f"but {exc}",
             "ask about fewer files (a subdirectory, --max-tokens lower) or use a model with a longer context",
         ) from None
     for warning in result.warnings:
-        render.note(warning)
+        warn(warning)
     if result.reduced:
         final = {r.path: r.after for r in result.reduced}  # a file may step full -> reduced -> listed
         outlined = sum(1 for after in final.values() if after == "reduced")
