@@ -296,3 +296,70 @@ def test_bf16_compute_runs_with_a_bf16_state(tmp_path):
     logits = model(tokens(1, 20), state)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert state.layers[1].window.dtype == torch.bfloat16
+
+
+# ---------- a whole attention layer against a per-query reference written from the spec ----------
+
+
+def _rope_ref(v: torch.Tensor, pos: int, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of the trailing dims by pos * inv_freq[i], written out."""
+    r = 2 * inv_freq.shape[0]
+    out = v.clone()
+    for i in range(inv_freq.shape[0]):
+        theta = pos * inv_freq[i].item() * (-1 if inverse else 1)
+        a, b = v[..., -r + 2 * i], v[..., -r + 2 * i + 1]
+        out[..., -r + 2 * i] = a * math.cos(theta) - b * math.sin(theta)
+        out[..., -r + 2 * i + 1] = a * math.sin(theta) + b * math.cos(theta)
+    return out
+
+
+def _reference_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    a = attn.args
+    T, H, D, W, m = x.shape[1], a.num_attention_heads, a.head_dim, a.sliding_window, attn.ratio
+    inv = rope_inv_freq(a, compressed=attn.kind != "window")
+    qr = attn.q_norm(attn.wq_a(x))[0]
+    q = attn.wq_b(qr).view(T, H, D)
+    q = q / (q.square().mean(-1, keepdim=True) + a.rms_norm_eps).sqrt()
+    kv = attn.kv_norm(attn.wkv(x))[0]
+    q = torch.stack([_rope_ref(q[t], t, inv) for t in range(T)])
+    kv = torch.stack([_rope_ref(kv[t], t, inv) for t in range(T)])
+    entries = _reference_entries(attn.compressor, x, inv)[0] if m else None
+    if attn.kind == "csa":
+        ix = attn.indexer
+        ikeys = _reference_entries(ix.compressor, x, inv)[0]
+        iq = ix.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
+        iw = ix.weights_proj(x)[0] * a.index_head_dim**-0.5 * a.index_n_heads**-0.5
+    out = torch.zeros(T, H, D)
+    for t in range(T):
+        keys = [kv[s] for s in range(max(0, t - W + 1), t + 1)]
+        if m:
+            visible = list(range((t + 1) // m))
+            if attn.kind == "csa":
+                qt = torch.stack([_rope_ref(iq[t, c], t, inv) for c in range(a.index_n_heads)])
+                score = {w: sum(iw[t, c] * torch.relu(qt[c] @ ikeys[w]) for c in range(a.index_n_heads)) for w in visible}
+                visible = sorted(visible, key=lambda w: (-score[w].item(), w))[: a.index_topk]
+            keys += [entries[w] for w in visible]
+        k = torch.stack(keys)
+        for h in range(H):
+            e = torch.exp(k @ q[t, h] * D**-0.5)
+            o = (e[:, None] * k).sum(0) / (e.sum() + torch.exp(attn.attn_sink[h]))
+            out[t, h] = _rope_ref(o, t, inv, inverse=True)
+    g = a.o_groups
+    wo_a = attn.wo_a.dequantized().float().view(g, a.o_lora_rank, -1)
+    per_group = out.reshape(T, g, -1)
+    low = torch.stack([per_group[:, j] @ wo_a[j].T for j in range(g)], dim=1)  # [T, g, r]
+    return attn.wo_b(low.reshape(T, -1))[None]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 1, 2])  # window-only, CSA (top-2), HCA
+def test_attention_layer_matches_the_per_query_reference(checkpoints, layer):
+    from engine.deepseek_v4.state import DSV4State
+
+    model = checkpoints["small_topk"]
+    attn = model.layers[layer].attn
+    assert attn.kind == ("window", "csa", "hca")[layer]
+    x = torch.randn(1, 37, 64, generator=torch.Generator().manual_seed(layer))
+    state = DSV4State.empty(model.args, 1).layers[layer]
+    got = attn(x, 0, state)
+    assert torch.allclose(got, _reference_attention(attn, x), atol=1e-4)
