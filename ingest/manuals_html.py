@@ -7,8 +7,10 @@ What a reader of the pack sees:
   language from a `language-xxx` class; inline `<code>` in backticks;
 - tables as `| a | b |` rows (a `| --- |` rule under a header row); one-column tables, which
   are page layout rather than data, as plain paragraphs;
-- links as `text (url)` when the url is absolute, else just the text; images as their alt text;
-- script, style, head, nav, forms' controls and other page furniture dropped;
+- links as `text (url)` when the url is absolute (and not absurdly long), else just the text;
+  an icon link by its aria-label or title; images as their alt text;
+- script, style, head, nav, forms' controls and other page furniture dropped, and elements
+  marked hidden (`hidden`, `aria-hidden="true"`, an inline `display: none`);
 - entities decoded, whitespace collapsed outside `<pre>`, lines never wrapped.
 
 The parser tolerates what browsers tolerate here: unclosed `<p>`, `<li>`, `<dd>`, `<td>` and
@@ -27,6 +29,9 @@ _DROPPED = frozenset({
     "script", "style", "head", "title", "nav", "noscript", "template", "svg", "math",
     "iframe", "object", "canvas", "button", "select", "textarea", "datalist", "dialog",
 })
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+                   "param", "source", "track", "wbr"})
+_INVISIBLE_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.IGNORECASE)
 _HEAD_CONTENT = frozenset({"title", "meta", "link", "style", "script", "base", "noscript", "template"})
 # Blocks that start a paragraph (blank line) or only a new line.
 _PARAGRAPHS = frozenset({
@@ -36,6 +41,7 @@ _PARAGRAPHS = frozenset({
 _LINES = frozenset({"div", "summary", "figcaption", "legend", "center", "caption", "search"})
 _INLINE_CODE = frozenset({"code", "kbd", "samp", "tt", "var"})
 _URL_SCHEMES = ("http://", "https://", "ftp://", "mailto:")
+_LONGEST_SHOWN_URL = 160
 _LANGUAGE_CLASS = re.compile(r"(?:^|\s)(?:language|lang|highlight-source)-([\w+#.-]+)")
 _DECLARED_CHARSET = re.compile(rb"""(?:charset|encoding)\s*=\s*["']?([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _LINE_BREAK = "\x00"  # stands for <br> inside a paragraph; NULs in the input are removed
@@ -110,7 +116,7 @@ class _TextBuilder(HTMLParser):
         self.pre_depth = 0
         self.pre_parts: list[str] = []
         self.pre_language = ""
-        self.links: list[tuple[str | None, int]] = []
+        self.links: list[tuple[str | None, int, str]] = []  # (shown url, text start, label)
         self.code_starts: list[int] = []
         self.tables: list[_Table] = []
 
@@ -121,13 +127,14 @@ class _TextBuilder(HTMLParser):
         if self.dropping:
             if self.dropping == ["head"] and (tag == "body" or tag not in _HEAD_CONTENT):
                 self.dropping.clear()  # the head ends where the body's content begins
-            elif tag in _DROPPED:
-                self.dropping.append(tag)
-                return
             else:
+                if tag not in _VOID:
+                    self.dropping.append(tag)  # so that the dropped element's own end is found
                 return
-        if tag in _DROPPED:
-            self.dropping.append(tag)
+        if tag in _DROPPED or "hidden" in attributes or attributes.get("aria-hidden") == "true" \
+                or _INVISIBLE_STYLE.search(attributes.get("style", "")):
+            if tag not in _VOID:
+                self.dropping.append(tag)
             return
         if self.pre_depth:
             if tag == "pre":
@@ -217,7 +224,8 @@ class _TextBuilder(HTMLParser):
             self._emit("---")
             self.pending = BLANK
         elif tag == "a":
-            self.links.append((_shown_url(attributes.get("href", "")), len(self._target())))
+            label = attributes.get("aria-label") or attributes.get("title") or ""
+            self.links.append((_shown_url(attributes.get("href", "")), len(self._target()), label))
         elif tag in _INLINE_CODE:
             self.code_starts.append(len(self._target()))
             self._target().append("`")
@@ -278,9 +286,12 @@ class _TextBuilder(HTMLParser):
             self._close("quote")
             self.pending = BLANK
         elif tag == "a" and self.links:
-            url, start = self.links.pop()
+            url, start, label = self.links.pop()
             target = self._target()
             text = _collapse("".join(target[start:]))
+            if not text and label and (url or not self.heading):
+                text = _collapse(label)  # an icon link says what it is in its label
+                target.append(text)
             if url and not self.heading and text not in (url, url.removeprefix("mailto:")):
                 target.append(f" ({url})" if text else url)
         elif tag in _INLINE_CODE and self.code_starts:
@@ -493,4 +504,7 @@ def _language(attributes: dict[str, str]) -> str:
 
 def _shown_url(href: str) -> str | None:
     href = href.strip()
-    return href if href.lower().startswith(_URL_SCHEMES) else None
+    # A very long url carries data (a playground link holds its whole program), not a place.
+    if len(href) > _LONGEST_SHOWN_URL or not href.lower().startswith(_URL_SCHEMES):
+        return None
+    return href

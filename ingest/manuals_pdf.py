@@ -26,6 +26,8 @@ from ingest.errors import ConversionError
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# Tables of contents fill the gap to the page number with spaced dots, a token each.
+_DOT_LEADER = re.compile(r" ?\.(?: \.){4,} ?")
 
 
 def pdf_to_text(data: bytes) -> str:
@@ -168,4 +170,5 @@ def _page_text(page) -> str:
     text = _CONTROL_CHARS.sub("", text)
     text = _TRAILING_SPACE.sub("", text)
     text = _BLANK_RUNS.sub("\n\n", text)
+    text = _DOT_LEADER.sub(" \u2026 ", text)
     return text.strip("\n")

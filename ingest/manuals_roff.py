@@ -26,6 +26,9 @@ from ingest.manuals_mdoc import VOLUMES, MdocMacros
 
 GLUE = "\x01"  # `\c`: the next text continues this word (no space, no line break)
 _MAX_DEPTH = 40  # nested macro calls and string interpolations (a loop must not hang a pack)
+# Macro calls and string interpolations per page: far above any real page (bash(1) makes
+# about 5,000), low enough that a self-doubling definition stops in well under a second.
+_MAX_EXPANSIONS = 200_000
 _HEADER_WIDTH = 78
 
 # Special characters by their roff names (groff_char(7)): what an UTF-8 terminal shows, except
@@ -271,6 +274,7 @@ class _Renderer(MdocMacros):
                                           ".l": _HEADER_WIDTH, ".i": 0, ".$": 0}
         self.conditions: list[bool] = []          # .ie results waiting for their .el
         self.depth = 0
+        self.expansions = 0
         self.section_indent = 7                    # man; mdoc uses 5
         self.base = 7                              # left margin of the current .RS level
         self.prevailing = 7                        # indent of tagged paragraphs (.TP/.IP)
@@ -315,7 +319,7 @@ class _Renderer(MdocMacros):
         if self.header:
             top = _spread(f"{self.header[0]}", self.header[1], self.header[0])
             self.out.lines[:0] = [top, ""]
-        if self.footer:
+        if self.footer and (self.footer[0] or self.footer[1]):
             self.out.pending_blank = True
             self.out.line(_spread(*self.footer), 0)
         return self.out.result()
@@ -382,7 +386,8 @@ class _Renderer(MdocMacros):
                 out.append(_glyph(name))
             elif code == "*":
                 name, i = _escape_name(text, i)
-                if depth < _MAX_DEPTH:
+                self.expansions += 1
+                if depth < _MAX_DEPTH and self.expansions < _MAX_EXPANSIONS:
                     out.append(self.expand(self.strings.get(name.split(" ", 1)[0], ""), depth + 1))
             elif code == "n":
                 if i < n and text[i] in "+-":
@@ -437,7 +442,8 @@ class _Renderer(MdocMacros):
         return i
 
     def call_macro(self, name: str, args: list[str]) -> None:
-        if self.depth >= _MAX_DEPTH:
+        self.expansions += 1
+        if self.depth >= _MAX_DEPTH or self.expansions >= _MAX_EXPANSIONS:
             return
         self.depth += 1
         saved = self.registers[".$"]
