@@ -180,8 +180,9 @@ def random_master(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]
 
     out = {}
     for name, (shape, kind) in official_tensors(cfg).items():
-        if kind == "i64":
-            out[name] = torch.randint(0, cfg["n_routed_experts"], shape, generator=gen)
+        if kind == "i64":  # tid2eid: k distinct experts per token id
+            scores = torch.rand(shape[0], cfg["n_routed_experts"], generator=gen)
+            out[name] = scores.argsort(dim=1)[:, : shape[1]].contiguous()
         elif kind == "norm":
             out[name] = 1 + 0.1 * randn(*shape)
         elif name.endswith("_scale") and name.split(".")[-1].startswith("hc_"):

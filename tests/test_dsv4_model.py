@@ -363,3 +363,19 @@ def test_attention_layer_matches_the_per_query_reference(checkpoints, layer):
     state = DSV4State.empty(model.args, 1).layers[layer]
     got = attn(x, 0, state)
     assert torch.allclose(got, _reference_attention(attn, x), atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 1])  # hash-routed, scored
+def test_moe_dispatch_matches_every_expert_weighted(checkpoints, layer):
+    moe = checkpoints["fp8"].layers[layer].ffn  # FP4 experts, FP8 shared expert
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(7))
+    ids = tokens(2, 9)
+    weights, experts = moe.gate(x.reshape(-1, 64), ids.reshape(-1))
+    dense = torch.zeros(18, 8)
+    dense.scatter_(1, experts, weights)  # routing weight of every expert, 0 when not chosen
+    expect = sum(moe.experts[e](x.reshape(-1, 64), dense[:, e : e + 1]) for e in range(8))
+    expect = expect + moe.shared_experts(x.reshape(-1, 64))
+    assert torch.allclose(moe(x, ids), expect.view(2, 9, 64), atol=1e-5)
+    if layer == 0:
+        assert torch.equal(experts, moe.gate.tid2eid[ids.reshape(-1)])
