@@ -187,7 +187,10 @@ def test_generation_loop_hooks(tiny):
     state.reset()
     assert state.length == 0 and state.nbytes == tiny.new_state(1).nbytes
     assert torch.allclose(tiny(tokens, state), full, atol=ATOL)  # a reset state is a fresh one
+    with pytest.raises(ModelFormatError, match="bfloat16"):
+        tiny.restore_state(saved, {**meta, "dtype": "bfloat16"})
     again = tiny.restore_state(saved, meta)
+    assert again.max_len == tiny.args.context_length
     assert torch.allclose(tiny(tokens[:, 20:], again), full[:, 20:], atol=ATOL)
     with pytest.raises(ValueError, match="start_pos"):
         tiny(tokens[:, :1], again, start_pos=3)

@@ -20,6 +20,7 @@ from torch import nn
 from engine.deepseek_v4.attention import Attention, RMSNorm
 from engine.deepseek_v4.config import ModelArgs
 from engine.deepseek_v4.state import DSV4State
+from engine.errors import ModelFormatError
 from engine.fp8 import DenseLinear, make_linear
 
 # ---------- MoE ----------
@@ -221,9 +222,14 @@ class Transformer(nn.Module):
         return state
 
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> DSV4State:
-        """A state from `DSV4State.export()` output, on this model's device and dtype."""
+        """A state from `DSV4State.export()` output, moved to this model's device."""
+        want = str(self.dtype).removeprefix("torch.")
+        if meta.get("dtype") != want:
+            raise ModelFormatError(f"saved DeepSeek-V4 state holds {meta.get('dtype')} entries; this model computes in {want}")
         device = self.head.weight.device
-        return DSV4State.restore(self.args, {k: v.to(device) for k, v in tensors.items()}, meta)
+        state = DSV4State.restore(self.args, {k: v.to(device) for k, v in tensors.items()}, meta)
+        state.max_len = self.args.context_length
+        return state
 
     def hidden_streams(
         self, tokens: torch.Tensor, state: DSV4State, start_pos: int, attn_impl: str = "sparse"

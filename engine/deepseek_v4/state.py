@@ -173,7 +173,13 @@ class DSV4State:
             for i, layer in enumerate(self.layers)
             for name, t in layer.tensors().items()
         }
-        meta = {"format": STATE_FORMAT, "pos": self.pos, "n_layers": len(self.layers)}
+        meta = {
+            "format": STATE_FORMAT,
+            "pos": self.pos,
+            "n_layers": len(self.layers),
+            "batch": self.batch_size,
+            "dtype": str(self.layers[0].window.dtype).removeprefix("torch.") if self.layers else None,
+        }
         return tensors, meta
 
     @classmethod
