@@ -31,6 +31,7 @@ def repo(tmp_path) -> Path:
     (root / "src").mkdir(parents=True)
     (root / "README.md").write_text("# Demo\n")
     (root / "src" / "app.py").write_text("def main():\n    return 1\n")
+    (root / "src" / "big.py").write_text("".join(f"def f{n}(x):\n    return x + {n}\n\n" for n in range(60)))
     (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (root / ".gitignore").write_text("*.log\n")
     (root / "debug.log").write_text("noise\n")
@@ -71,10 +72,10 @@ def test_pack_prints_only_the_pack_and_a_summary_on_stderr(repo, tiny_gguf, tmp_
 def test_list_prints_paths_in_pack_order_and_nothing_else(repo, tmp_path):
     result = dsv4("pack", "--list", cwd=repo)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().splitlines() == [".gitignore", "README.md", "logo.png", "src/app.py"]
+    assert result.stdout.decode().splitlines() == [".gitignore", "README.md", "logo.png", "src/app.py", "src/big.py"]
     assert result.stderr == b""
     narrowed = dsv4("pack", "src", "--list", "--exclude", "*.md", cwd=repo)
-    assert narrowed.stdout.decode().splitlines() == ["app.py"]
+    assert narrowed.stdout.decode().splitlines() == ["app.py", "big.py"]
 
 
 def test_output_file_stdin_and_files_from(repo, tiny_gguf, tmp_path):
@@ -94,10 +95,12 @@ def test_budget_fits_and_reports(repo, tiny_gguf, tmp_path):
     summary = tmp_path / "s.json"
     full = dsv4("pack", "--model", str(tiny_gguf), "--summary-json", str(summary), cwd=repo)
     total = json.loads(summary.read_text())["total_tokens"]
-    fitted = dsv4("pack", "--model", str(tiny_gguf), "--budget", str(total - 20), "--summary-json", str(summary),
+    fitted = dsv4("pack", "--model", str(tiny_gguf), "--budget", str(total - 200), "--summary-json", str(summary),
                   cwd=repo)
     assert fitted.returncode == 0, fitted.stderr
-    assert json.loads(summary.read_text())["total_tokens"] <= total - 20
+    data = json.loads(summary.read_text())
+    assert data["total_tokens"] <= total - 200
+    assert {f["path"]: f["status"] for f in data["files"]}["src/big.py"] == "reduced"
     assert b"budget" in fitted.stderr
     assert len(fitted.stdout) < len(full.stdout)
 
