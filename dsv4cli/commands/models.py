@@ -29,8 +29,7 @@ def register(app: typer.Typer) -> None:
             )
         with render.transfer_progress() as progress:
             ref = store.fetch_model(model, progress, note=render.note)
-        source = store.read_manifest(model).get("source", "")
-        render.note(f"{model} is ready ({render.human_bytes(ref.size)}, sha256 verified" + (f", from {source}" if source else "") + ")")
+        render.note(f"{model} is ready ({render.human_bytes(ref.size)}, sha256 verified)")
         print(ref.path, flush=True)
 
     @app.command("models")
