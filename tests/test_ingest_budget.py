@@ -147,3 +147,83 @@ def test_budget_without_tokenizer_is_an_error(tmp_path):
     root = _repo(tmp_path / "r")
     with pytest.raises(IngestError):
         pack([root], options=PackOptions(budget=100))
+
+
+# ------------------------------------------------------------------------------ outlines
+
+from ingest.outline import HEAD_LINES, outline  # noqa: E402
+
+
+def test_python_outline_keeps_decorators_signatures_and_docstring_first_lines():
+    source = '''"""Module doc.
+
+More.
+"""
+import os
+
+
+@decorator(1)
+class Widget(Base):
+    """A widget.
+
+    Details.
+    """
+
+    size = 3
+
+    def grow(self, amount: int,
+             *, twice: bool = False) -> int:
+        # a comment before the body is not part of the signature
+        return amount
+
+
+async def fetch(url):
+    return await get(url)
+'''
+    assert outline("pkg/widget.py", source) == (
+        '"""Module doc."""\n'
+        "@decorator(1)\n"
+        "class Widget(Base):\n"
+        '    """A widget."""\n'
+        "    def grow(self, amount: int,\n"
+        "             *, twice: bool = False) -> int:\n"
+        "async def fetch(url):\n"
+    )
+
+
+def test_python_with_syntax_errors_falls_back_to_patterns():
+    assert outline("x.py", "def ok(a):\n    pass\nclass Broken(:\n") == "def ok(a):\nclass Broken(:\n"
+
+
+@pytest.mark.parametrize(
+    "path, source, expected",
+    [
+        ("a.ts", "import x from 'y'\nexport interface Props {\n  a: string\n}\nexport const f = (a: number) => a\n"
+                 "function g() {\n  return 1\n}\n", ["export interface Props {", "export const f = (a: number) => a",
+                                                    "function g() {"]),
+        ("main.go", "package main\n\ntype Server struct {\n}\n\nfunc (s *Server) Run() error {\n\treturn nil\n}\n",
+         ["type Server struct {", "func (s *Server) Run() error {"]),
+        ("lib.rs", "use std::io;\npub struct A;\nimpl A {\n    pub fn new() -> Self { A }\n}\nenum E { X }\n",
+         ["pub struct A;", "impl A {", "    pub fn new() -> Self { A }", "enum E { X }"]),
+        ("App.java", "package a;\npublic class App {\n    private int x;\n    public static void main(String[] args) {\n"
+                     "    }\n}\n", ["public class App {", "    public static void main(String[] args) {"]),
+        ("util.c", "#include <stdio.h>\nstatic int add(int a, int b)\n{\n    if (a) {\n        return a;\n    }\n}\n"
+                   "struct point {\n", ["static int add(int a, int b)", "struct point {"]),
+        ("a.rb", "module M\n  class C\n    def run(x)\n      x\n    end\n  end\nend\n",
+         ["module M", "  class C", "    def run(x)"]),
+        ("run.sh", "#!/bin/sh\nsetup() {\n  echo hi\n}\nfunction main {\n  setup\n}\n", ["setup() {", "function main {"]),
+        ("README.md", "# Title\ntext\n## Usage\n```\n# not a heading? (inside a fence, kept: regex outline)\n```\n",
+         ["# Title", "## Usage", "# not a heading? (inside a fence, kept: regex outline)"]),
+        ("guide.rst", "Title\n=====\n\ntext\n\nSection\n-------\n", ["Title", "Section"]),
+    ],
+)
+def test_regex_outlines_per_language(path, source, expected):
+    assert outline(path, source).splitlines() == expected
+
+
+def test_unknown_files_keep_their_first_lines():
+    text = "".join(f"line {n}\n" for n in range(50))
+    result = outline("data.unknown", text).splitlines()
+    assert result[:HEAD_LINES] == [f"line {n}" for n in range(HEAD_LINES)]
+    assert result[-1] == f"... ({50 - HEAD_LINES} more lines)"
+    assert outline("empty.py", "") == ""
