@@ -127,3 +127,27 @@ def test_mtp_weights_are_part_of_the_strict_set():
     names = official_tensors(tiny_config())
     assert "mtp.0.e_proj.weight" in names and "mtp.0.hc_head_fn" in names
     assert "mtp.0.e_proj.weight" not in official_tensors(tiny_config(mtp=False))
+
+
+def test_expert_parallel_rank_reads_only_its_experts(tmp_path):
+    from engine.deepseek_v4.model import ExpertParallel
+
+    path = write_tiny(tmp_path, "fp8")
+    full = load_checkpoint(path)
+    half = load_checkpoint(path, parallel=ExpertParallel(rank=1, world_size=2))
+    names = set(half.model.state_dict())
+    assert "layers.1.ffn.experts.4.w1.weight" in names and "layers.1.ffn.experts.3.w1.weight" not in names
+    expert_bytes = sum(
+        t.numel() * t.element_size() for n, t in full.model.state_dict().items() if ".ffn.experts." in n
+    )
+    assert full.nbytes - half.nbytes == expert_bytes // 2
+    with pytest.raises(ValueError, match="do not split"):
+        load_checkpoint(path, parallel=ExpertParallel(rank=0, world_size=3))
+
+
+def test_an_expert_beyond_the_config_is_still_unexpected(tmp_path):
+    from engine.deepseek_v4.model import ExpertParallel
+
+    _rewrite(tmp_path, lambda t: t.update({"layers.1.ffn.experts.8.w1.weight": torch.zeros(32, 32, dtype=torch.int8)}))
+    with pytest.raises(ModelFormatError, match=r"unexpected tensor layers\.1\.ffn\.experts\.8\.w1\.weight"):
+        load_checkpoint(tmp_path, parallel=ExpertParallel(rank=0, world_size=2))

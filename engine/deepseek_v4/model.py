@@ -13,7 +13,11 @@ full-precision math that other ports (transformers) implement.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -84,12 +88,33 @@ class Expert(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This process's share of the routed experts: rank r of W holds the contiguous slice
+    [r*E/W, (r+1)*E/W). Routed outputs are summed over ranks with all_reduce; the gate and
+    the shared expert run on every rank (as in DeepSeek's inference code)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # a torch.distributed process group; None = the default one
+
+    def owns(self, expert: int, n_experts: int) -> bool:
+        per = n_experts // self.world_size
+        return self.rank * per <= expert < (self.rank + 1) * per
+
+
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
         super().__init__()
-        self.n_experts = args.n_routed_experts
+        self.n_experts, self.parallel = args.n_routed_experts, parallel
+        if self.n_experts % parallel.world_size:
+            raise ValueError(f"{self.n_experts} experts do not split over {parallel.world_size} ranks")
         self.gate = Gate(args, layer_id)
-        self.experts = nn.ModuleList(Expert(args, args.expert_format, simulate) for _ in range(self.n_experts))
+        # Other ranks' experts are None: their names stay out of this rank's state dict.
+        self.experts = nn.ModuleList(
+            Expert(args, args.expert_format, simulate) if parallel.owns(e, self.n_experts) else None
+            for e in range(self.n_experts)
+        )
         self.shared_experts = Expert(args, args.weight_format, simulate)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -98,8 +123,12 @@ class MoE(nn.Module):
         weights, experts = self.gate(x, token_ids.reshape(-1))
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in torch.unique(experts).tolist():
+            if self.experts[e] is None:
+                continue
             rows, slot = torch.where(experts == e)
             y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
+        if self.parallel.world_size > 1:
+            dist.all_reduce(y, group=self.parallel.group)
         y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
 
@@ -131,11 +160,11 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 class Block(nn.Module):
     """hc_pre(attn) -> attn_norm -> attention -> hc_post -> hc_pre(ffn) -> ffn_norm -> MoE -> hc_post."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
         super().__init__()
         self.args = args
         self.attn = Attention(args, layer_id, simulate)
-        self.ffn = MoE(args, layer_id, simulate)
+        self.ffn = MoE(args, layer_id, simulate, parallel)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         hc = args.hc_mult
@@ -180,8 +209,8 @@ class MTPBlock(Block):
     """The multi-token-prediction layer (`mtp.0.*`). Its weights load so checkpoints with
     MTP are accepted strictly; plain generation does not run it."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
-        super().__init__(args, layer_id, simulate)
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
+        super().__init__(args, layer_id, simulate, parallel)
         d, hc = args.hidden_size, args.hc_mult
         fmt, block = args.weight_format, args.weight_block_size
         self.e_proj = make_linear(d, d, fmt, block=block, simulate=simulate)
@@ -197,19 +226,28 @@ class MTPBlock(Block):
 class Transformer(nn.Module):
     """embed -> S identical streams -> blocks -> hc head -> norm -> head (fp32 logits)."""
 
-    def __init__(self, args: ModelArgs, *, simulate: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        simulate: bool = False,
+        dtype: torch.dtype = torch.float32,
+        parallel: ExpertParallel = ExpertParallel(),
+    ):
         super().__init__()
-        self.args, self.simulate, self.dtype = args, simulate, dtype
+        self.args, self.simulate, self.dtype, self.parallel = args, simulate, dtype, parallel
         d, hc = args.hidden_size, args.hc_mult
         self.embed = _Embedding(args.vocab_size, d)
-        self.layers = nn.ModuleList(Block(args, i, simulate) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(args, i, simulate, parallel) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(d, args.rms_norm_eps)
         self.head = DenseLinear(d, args.vocab_size)
         self.register_buffer("hc_head_fn", torch.zeros(hc, hc * d, dtype=torch.float32))
         self.register_buffer("hc_head_base", torch.zeros(hc, dtype=torch.float32))
         self.register_buffer("hc_head_scale", torch.zeros(1, dtype=torch.float32))
         n_main = args.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPBlock(args, n_main + i, simulate) for i in range(args.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPBlock(args, n_main + i, simulate, parallel) for i in range(args.num_nextn_predict_layers)
+        )
 
     def new_state(self, batch: int = 1, max_len: int | None = None) -> DSV4State:
         """An empty state. It grows with the context (nothing is preallocated); `max_len`

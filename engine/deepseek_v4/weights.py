@@ -5,7 +5,8 @@ A checkpoint is `config.json` plus safetensors shards listed in `model.safetenso
 which are the `Transformer`'s own state-dict names, so no rename table is needed.
 
 Strict: every tensor the model needs must be present with the right shape and a dtype of
-the right kind, and nothing else may be; otherwise `ModelFormatError` names the tensor.
+the right kind, and nothing else may be (other ranks' routed experts, under expert
+parallelism, are known and skipped); otherwise `ModelFormatError` names the tensor.
 FP8 and FP4 tensors stay quantised in memory (dequantised per matmul), so memory tracks
 the checkpoint's size. Shards are opened with safetensors' memory-mapped reader; nothing
 is pickled and no code from the checkpoint runs.
@@ -14,6 +15,7 @@ is pickled and no code from the checkpoint runs.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from engine.deepseek_v4.config import ModelArgs
-from engine.deepseek_v4.model import Transformer
+from engine.deepseek_v4.model import ExpertParallel, Transformer
 from engine.errors import ModelFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,6 +43,7 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
 }
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_EXPERT_NAME = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 _INTS = (torch.int64, torch.int32)
 
 
@@ -50,6 +53,7 @@ class LoadedCheckpoint:
     model: Transformer
     directory: Path
     simulate: bool
+    parallel: ExpertParallel
 
     @property
     def nbytes(self) -> int:
@@ -90,25 +94,36 @@ def load_checkpoint(
     simulate: bool | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    parallel: ExpertParallel = ExpertParallel(),
 ) -> LoadedCheckpoint:
     """Build the model for `directory/config.json` and load every tensor strictly.
 
     `simulate` (DeepSeek's in-model FP8/FP4 rounding) defaults to on for FP8/FP4
     checkpoints and off for bf16/fp32 ones. `dtype` is the activation/compute dtype.
+    With expert parallelism, other ranks' routed experts are expected in the files and
+    left unread.
     """
     directory = Path(directory)
     args = ModelArgs.from_file(directory / "config.json")
     simulate = args.is_quantized if simulate is None else simulate
     with torch.device("meta"):
-        model = Transformer(args, simulate=simulate, dtype=dtype)
+        model = Transformer(args, simulate=simulate, dtype=dtype, parallel=parallel)
     expected = model.state_dict()
     names = shard_map(directory)
+
+    def other_ranks(name: str) -> bool:
+        match = _EXPERT_NAME.match(name)
+        if match is None or int(match.group(1)) >= args.n_routed_experts:
+            return False
+        return not parallel.owns(int(match.group(1)), args.n_routed_experts)
+
+    foreign = {name for name in names if other_ranks(name)}
 
     missing = sorted(set(expected) - set(names))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFormatError(f"checkpoint lacks tensor {missing[0]}{more}", hint=f"in {directory}")
-    unexpected = sorted(set(names) - set(expected))
+    unexpected = sorted(set(names) - set(expected) - foreign)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ModelFormatError(
@@ -117,7 +132,7 @@ def load_checkpoint(
         )
 
     by_shard: dict[str, list[str]] = defaultdict(list)
-    for name in sorted(names):
+    for name in sorted(set(names) - foreign):
         by_shard[names[name]].append(name)
     loaded: dict[str, torch.Tensor] = {}
     for shard, shard_names in by_shard.items():
@@ -145,4 +160,4 @@ def load_checkpoint(
                 loaded[name] = f.get_tensor(name)
     model.load_state_dict(loaded, strict=True, assign=True)
     model.eval()
-    return LoadedCheckpoint(args, model, directory, simulate)
+    return LoadedCheckpoint(args, model, directory, simulate, parallel)
