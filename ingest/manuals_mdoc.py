@@ -123,6 +123,8 @@ class _Words:
 class MdocMacros:
     out: _Layout
     expand: Callable[..., str]
+    split_args: Callable[[str], list[str]]
+    indent_width: Callable[[str | None, int], int]
     strings: dict[str, str]
 
     def __init__(self) -> None:
@@ -139,7 +141,6 @@ class MdocMacros:
         self.mdoc_function: list[str] | None = None   # .Fo name, then .Fa arguments
         self.mdoc_reference: list[tuple[str, str]] | None = None
         self.mdoc_split_authors = False
-        self.mdoc_seen_name_in_synopsis = False
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -160,13 +161,10 @@ class MdocMacros:
 
     def mdoc_line(self, name: str, rest: str) -> None:
         """A line whose macro is callable: its words go into the paragraph."""
-        from ingest.manuals_roff import split_args
-
         if name == "Nm" and self.mdoc_section == "SYNOPSIS" and not self.out.collecting_tag:
-            self.out.flush()
-            self.out._flush_tag()
+            self.out.end_block()
             self.out.indent = self.mdoc_indent()
-        words = self.mdoc_words([name] + split_args(rest))
+        words = self.mdoc_words([name] + self.split_args(rest))
         self.mdoc_emit(words)
 
     def mdoc_emit(self, words: _Words) -> None:
@@ -371,9 +369,8 @@ class MdocMacros:
             self.mdoc_reference.append((name, self.expand(rest.strip()).replace("\x01", "")))
 
 
-def _offset(argument: str) -> int:
-    from ingest.manuals_roff import _width
-
+def _offset(r: Any, argument: str) -> int:
+    """A list's or display's -offset or -width, in characters."""
     if argument in ("indent", "Ds"):
         return 6
     if argument == "indent-two":
@@ -381,18 +378,12 @@ def _offset(argument: str) -> int:
     if argument in ("left", "center", "centre", "right"):
         return 0
     if re.fullmatch(r"[+-]?\d+(\.\d*)?[a-zA-Z]?", argument):
-        return _width(argument, 0)
+        return r.indent_width(argument, 0)
     return len(argument)
 
 
-def _args(renderer: Any, rest: str) -> list[str]:
-    from ingest.manuals_roff import split_args
-
-    return split_args(rest)
-
-
 def _dd(r: Any, rest: str) -> None:
-    r.mdoc_date = " ".join(r.expand(a) for a in _args(r, rest))
+    r.mdoc_date = " ".join(r.expand(a) for a in r.split_args(rest))
     if r.mdoc_date.startswith("$Mdocdate:"):
         r.mdoc_date = r.mdoc_date.removeprefix("$Mdocdate:").rstrip("$ ").strip()
     r.section_indent = r.base = _SECTION_INDENT
@@ -401,7 +392,7 @@ def _dd(r: Any, rest: str) -> None:
 
 
 def _dt(r: Any, rest: str) -> None:
-    args = [r.expand(a) for a in _args(r, rest)]
+    args = [r.expand(a) for a in r.split_args(rest)]
     if args:
         r.mdoc_title = f"{args[0]}({args[1]})" if len(args) > 1 else args[0]
         volume = VOLUMES.get(args[1][:1], "") if len(args) > 1 else ""
@@ -411,7 +402,7 @@ def _dt(r: Any, rest: str) -> None:
 
 
 def _os(r: Any, rest: str) -> None:
-    r.mdoc_os = " ".join(r.expand(a) for a in _args(r, rest))
+    r.mdoc_os = " ".join(r.expand(a) for a in r.split_args(rest))
     _update_frame(r)
 
 
@@ -421,7 +412,7 @@ def _update_frame(r: Any) -> None:
 
 
 def _section(r: Any, rest: str, kind: str) -> None:
-    title = r.mdoc_words(_args(r, rest)).text()
+    title = r.mdoc_words(r.split_args(rest)).text()
     r.mdoc_blocks.clear()
     if kind == "Sh":
         r.mdoc_section = title
@@ -435,12 +426,12 @@ def _pp(r: Any, rest: str) -> None:
 
 
 def _nd(r: Any, rest: str) -> None:
-    words = r.mdoc_words(_args(r, rest))
+    words = r.mdoc_words(r.split_args(rest))
     r.out.text("\u2014 " + words.text())
 
 
 def _bl(r: Any, rest: str) -> None:
-    args = _args(r, rest)
+    args = r.split_args(rest)
     kind, width, offset, compact, columns = "item", None, 0, False, []
     index = 0
     while index < len(args):
@@ -449,7 +440,7 @@ def _bl(r: Any, rest: str) -> None:
             width = args[index + 1]
             index += 1
         elif arg == "-offset" and index + 1 < len(args):
-            offset = _offset(args[index + 1])
+            offset = _offset(r, args[index + 1])
             index += 1
         elif arg == "-compact":
             compact = True
@@ -459,15 +450,14 @@ def _bl(r: Any, rest: str) -> None:
         elif kind == "column":
             columns.append(len(r.expand(arg)) if not arg.startswith("-") else 0)
         index += 1
-    r.out.flush()
-    r.out._flush_tag()
+    r.out.end_block()
     base = r.mdoc_indent() + offset
     defaults = {"bullet": 2, "dash": 2, "hyphen": 2, "enum": 4, "item": 0, "column": 0}
     if kind in defaults:
         body = base + defaults[kind]
     else:
         tag_width = 8 if width is None else (
-            len(r.mdoc_words(_args(r, width)).text()) if width in ("Fl", "Ar", "Cm") else _offset(width))
+            len(r.mdoc_words(r.split_args(width)).text()) if width in ("Fl", "Ar", "Cm") else _offset(r, width))
         body = base + tag_width + 2
     r.mdoc_blocks.append(_Block(kind, base, body, compact, columns=columns))
     if not compact:
@@ -475,7 +465,7 @@ def _bl(r: Any, rest: str) -> None:
 
 
 def _it(r: Any, rest: str) -> None:
-    args = _args(r, rest)
+    args = r.split_args(rest)
     # `.It ... Xo`: the tag goes on over the next lines until an Xc.
     r.mdoc_in_tag = "Xo" in args
     args = [a for a in args if a != "Xo"]
@@ -485,8 +475,7 @@ def _it(r: Any, rest: str) -> None:
         return
     while r.mdoc_blocks and r.mdoc_blocks[-1] is not block:
         r.mdoc_blocks.pop()  # a display left open inside the previous item
-    r.out.flush()
-    r.out._flush_tag()
+    r.out.end_block()
     r.out.collecting_tag = False
     if not block.compact:
         r.out.blank()
@@ -543,8 +532,7 @@ def _it(r: Any, rest: str) -> None:
 
 
 def _el(r: Any, rest: str) -> None:
-    r.out.flush()
-    r.out._flush_tag()
+    r.out.end_block()
     r.out.collecting_tag = False
     while r.mdoc_blocks:
         if r.mdoc_blocks.pop().kind != "display":
@@ -553,12 +541,11 @@ def _el(r: Any, rest: str) -> None:
 
 
 def _bd(r: Any, rest: str) -> None:
-    args = _args(r, rest)
+    args = r.split_args(rest)
     offset = 0
     if "-offset" in args and args.index("-offset") + 1 < len(args):
-        offset = _offset(args[args.index("-offset") + 1])
-    r.out.flush()
-    r.out._flush_tag()
+        offset = _offset(r, args[args.index("-offset") + 1])
+    r.out.end_block()
     if "-compact" not in args:
         r.out.blank()
     base = r.mdoc_indent() + offset
@@ -578,18 +565,17 @@ def _ed(r: Any, rest: str) -> None:
 
 
 def _display_line(r: Any, rest: str) -> None:
-    r.out.flush()
-    r.out._flush_tag()
+    r.out.end_block()
     saved = r.out.indent
     r.out.indent = r.mdoc_indent() + 6
-    r.mdoc_emit(r.mdoc_words(_args(r, rest)))
+    r.mdoc_emit(r.mdoc_words(r.split_args(rest)))
     r.out.flush()
     r.out.indent = saved
 
 
 def _synopsis_line(r: Any, rest: str, name: str) -> None:
     """.Ft, .In, .Fd: their own lines in a SYNOPSIS, plain words elsewhere."""
-    args = _args(r, rest)
+    args = r.split_args(rest)
     if r.mdoc_section != "SYNOPSIS":
         r.mdoc_line(name, rest)
         return
@@ -610,7 +596,7 @@ def _function(r: Any, rest: str, name: str) -> None:
 
 
 def _an(r: Any, rest: str) -> None:
-    args = _args(r, rest)
+    args = r.split_args(rest)
     if args and args[0] in ("-split", "-nosplit"):
         r.mdoc_split_authors = args[0] == "-split"
         return
@@ -620,7 +606,7 @@ def _an(r: Any, rest: str) -> None:
 
 
 def _exit_status(r: Any, rest: str) -> None:
-    names = [a for a in _args(r, rest) if a != "-std"] or [r.mdoc_name]
+    names = [a for a in r.split_args(rest) if a != "-std"] or [r.mdoc_name]
     subject = " and ".join(names)
     plural = len(names) > 1
     r.out.text(f"The {subject} utilit{'ies' if plural else 'y'} exit{'' if plural else 's'} 0 "
@@ -628,7 +614,7 @@ def _exit_status(r: Any, rest: str) -> None:
 
 
 def _return_values(r: Any, rest: str) -> None:
-    names = [a for a in _args(r, rest) if a != "-std"] or [r.mdoc_name]
+    names = [a for a in r.split_args(rest) if a != "-std"] or [r.mdoc_name]
     functions = " and ".join(f"{name}()" for name in names)
     plural = len(names) > 1
     r.out.text(f"The {functions} function{'s' if plural else ''} return{'' if plural else 's'} "
@@ -655,7 +641,7 @@ def _re(r: Any, rest: str) -> None:
 
 
 def _lb(r: Any, rest: str) -> None:
-    args = _args(r, rest)
+    args = r.split_args(rest)
     if args:
         r.out.text(f"library \u201c{r.expand(args[0])}\u201d")
 

@@ -26,9 +26,10 @@ from ingest.manuals_mdoc import VOLUMES, MdocMacros
 
 GLUE = "\x01"  # `\c`: the next text continues this word (no space, no line break)
 _MAX_DEPTH = 40  # nested macro calls and string interpolations (a loop must not hang a pack)
-# Macro calls and string interpolations per page: far above any real page (bash(1) makes
-# about 5,000), low enough that a self-doubling definition stops in well under a second.
-_MAX_EXPANSIONS = 200_000
+# Macro calls and string interpolations per page: far above any real page (the most among
+# Ubuntu's 23,000 pages is 4,220, cmake-modules(7)), low enough that a self-doubling
+# definition stops in a fraction of a second.
+_MAX_EXPANSIONS = 50_000
 _HEADER_WIDTH = 78
 
 # Special characters by their roff names (groff_char(7)): what an UTF-8 terminal shows, except
@@ -126,13 +127,13 @@ class _Layout:
 
     def blank(self) -> None:
         self.flush()
-        self._flush_tag()
+        self.flush_tag()
         if not self.after_heading:
             self.pending_blank = True
 
     def heading(self, text: str, indent: int) -> None:
         self.flush()
-        self._flush_tag()
+        self.flush_tag()
         self.pending_blank = True
         self._emit(" " * indent + text)
         self.after_heading = True
@@ -140,7 +141,7 @@ class _Layout:
     def line(self, text: str, indent: int) -> None:
         """A line of its own at a given column (headers, tables, displays)."""
         self.flush()
-        self._flush_tag()
+        self.flush_tag()
         self._emit(" " * indent + text)
 
     def _place(self, text: str) -> None:
@@ -157,7 +158,12 @@ class _Layout:
                 self._emit(" " * self.tag_indent + tag)
         self._emit(" " * self.indent + text if text else "")
 
-    def _flush_tag(self) -> None:
+    def end_block(self) -> None:
+        """A break that also writes out a tag still waiting for its body."""
+        self.flush()
+        self.flush_tag()
+
+    def flush_tag(self) -> None:
         if self.tag:
             self._emit(" " * self.tag_indent + self.tag)
         self.tag = None
@@ -171,7 +177,7 @@ class _Layout:
 
     def result(self) -> str:
         self.flush()
-        self._flush_tag()
+        self.flush_tag()
         out: list[str] = []
         for line in self.lines:
             if line or (out and out[-1]):
@@ -264,6 +270,11 @@ def _glyph(name: str) -> str:
 
 
 class _Renderer(MdocMacros):
+    """The interpreter: roff requests and escapes, man(7) macros; mdoc(7) comes mixed in."""
+
+    split_args = staticmethod(lambda text: split_args(text))
+    indent_width = staticmethod(lambda argument, default: _width(argument, default))
+
     def __init__(self) -> None:
         self.out = _Layout()
         self.strings: dict[str, str] = {
@@ -284,7 +295,7 @@ class _Renderer(MdocMacros):
         self.heading_next: str | None = None       # .SH with its text on the next line
         self.tag_next = False                      # .TP: the next line is the tag
         self.center_lines = 0
-        self.header: tuple[str, str, str] | None = None   # (left/right, centre, ...)
+        self.header: tuple[str, str, str] | None = None   # (left, centre, right)
         self.footer: tuple[str, str, str] | None = None
         self.link_url: list[str] = []
         self.translations: dict[str, str] = {}    # .tr
@@ -317,8 +328,7 @@ class _Renderer(MdocMacros):
     def finish(self) -> str:
         self.out.flush()
         if self.header:
-            top = _spread(f"{self.header[0]}", self.header[1], self.header[0])
-            self.out.lines[:0] = [top, ""]
+            self.out.lines[:0] = [_spread(*self.header), ""]
         if self.footer and (self.footer[0] or self.footer[1]):
             self.out.pending_blank = True
             self.out.line(_spread(*self.footer), 0)
@@ -340,7 +350,7 @@ class _Renderer(MdocMacros):
             self.out.flush()
         text = self.expand(raw)
         if not self.out.nofill:
-            text = text if raw[:1] in (" ", "\t") else text.lstrip(" ")
+            text = text.rstrip(" ") if raw[:1] in (" ", "\t") else text.strip(" ")
         self.out.text(text)
         if self.center_lines:
             self.center_lines -= 1
@@ -545,7 +555,7 @@ class _Renderer(MdocMacros):
         if self.paragraph_space:
             self.out.blank()
         else:
-            self.out._flush_tag()
+            self.out.flush_tag()
 
     def set_indent(self) -> None:
         self.out.indent = self.base + (self.prevailing if self.tagged else 0)
@@ -710,8 +720,7 @@ def _pp(r: _Renderer, rest: str) -> None:
 
 def _tp(r: _Renderer, rest: str, *, another: bool = False) -> None:
     if another:  # .TQ: one more tag for the same body
-        r.out.flush()
-        r.out._flush_tag()
+        r.out.end_block()
     else:
         r.paragraph()
         r.prevailing = _width(split_args(rest)[0] if rest.strip() else None, r.prevailing)
@@ -1042,8 +1051,7 @@ def _ts(r: _Renderer, rest: str, lines: list[str], i: int) -> int:
         rows.append(row)
     cells_by_row = [[_cell(r, c) for c in cells] for cells in rows]
     cells_by_row = [cells for cells in cells_by_row if any(cells)]
-    r.out.flush()
-    r.out._flush_tag()
+    r.out.end_block()
     if not cells_by_row:
         return i
     columns = max(len(cells) for cells in cells_by_row)
