@@ -477,7 +477,7 @@ def _it(r: Any, rest: str) -> None:
         r.mdoc_blocks.pop()  # a display left open inside the previous item
     r.out.end_block()
     r.out.collecting_tag = False
-    if not block.compact:
+    if not block.compact and block.kind != "column":  # table rows stay together
         r.out.blank()
     block.item_open = True
     out = r.out

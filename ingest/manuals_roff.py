@@ -100,6 +100,7 @@ class _Layout:
             joiner = " " if space and self.tag_words and not self.glue else ""
             self.tag_words += joiner + text
         elif self.nofill:
+            text = text.expandtabs(8)  # tab stops every 8 columns from the indent, as in nroff
             if self.glue and self.lines:
                 self.lines[-1] += text
             else:
