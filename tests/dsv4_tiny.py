@@ -43,7 +43,7 @@ def tiny_config(
         "qk_rope_head_dim": 16,
         "q_lora_rank": 32,
         "o_groups": 2,
-        "o_lora_rank": 16,
+        "o_lora_rank": 32,  # g*r/2 = 32: whole FP8 blocks per rank under 2-way tensor parallel
         "sliding_window": sliding_window,
         "compress_ratios": layers + ([0] if mtp else []),
         "index_n_heads": 4,

@@ -381,36 +381,41 @@ def test_moe_dispatch_matches_every_expert_weighted(checkpoints, layer):
         assert torch.equal(experts, moe.gate.tid2eid[ids.reshape(-1)])
 
 
-# ---------- expert parallelism over CPU processes ----------
+# ---------- expert + tensor parallelism over CPU processes ----------
 
 
-def _expert_parallel_rank(rank: int, world: int, init_file: str, checkpoint: str, out_dir: str) -> None:
+def _parallel_rank(rank: int, world: int, init_file: str, checkpoint: str, out_dir: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from engine.deepseek_v4.model import ExpertParallel
+    from engine.deepseek_v4.parallel import Parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ck = load_checkpoint(checkpoint, parallel=ExpertParallel(rank, world))
+        ck = load_checkpoint(checkpoint, parallel=Parallel(rank, world))
         ids, state = tokens(1, 30), ck.model.new_state(1)
         logits = torch.cat([ck.model(ids[:, :17], state), ck.model(ids[:, 17:], state)], dim=1)
         local = [e for e, m in enumerate(ck.model.layers[1].ffn.experts) if m is not None]
-        save_file({"logits": logits, "local": torch.tensor(local)}, f"{out_dir}/rank{rank}.safetensors")
+        heads = ck.model.layers[1].attn.attn_sink.shape[0]
+        save_file(
+            {"logits": logits, "local": torch.tensor(local), "heads": torch.tensor(heads)},
+            f"{out_dir}/rank{rank}.safetensors",
+        )
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_expert_parallel_ranks_give_the_single_process_logits(tmp_path):
+def test_two_parallel_ranks_give_the_single_process_logits(tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     checkpoint = write_tiny(tmp_path / "ckpt", "fp8")
-    mp.spawn(_expert_parallel_rank, args=(2, str(tmp_path / "init"), str(checkpoint), str(tmp_path)), nprocs=2)
+    mp.spawn(_parallel_rank, args=(2, str(tmp_path / "init"), str(checkpoint), str(tmp_path)), nprocs=2)
     single = load_checkpoint(checkpoint).model(tokens(1, 30))
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     assert ranks[0]["local"].tolist() == [0, 1, 2, 3] and ranks[1]["local"].tolist() == [4, 5, 6, 7]
+    assert all(r["heads"].item() == 2 for r in ranks)  # 4 heads split 2 + 2
     for r in ranks:
         assert torch.allclose(r["logits"], single, atol=1e-4)

@@ -129,25 +129,44 @@ def test_mtp_weights_are_part_of_the_strict_set():
     assert "mtp.0.e_proj.weight" not in official_tensors(tiny_config(mtp=False))
 
 
-def test_expert_parallel_rank_reads_only_its_experts(tmp_path):
-    from engine.deepseek_v4.model import ExpertParallel
+def test_a_parallel_rank_reads_only_its_share(tmp_path):
+    from engine.deepseek_v4.parallel import Parallel
+    from engine.deepseek_v4.weights import split_dim
 
     path = write_tiny(tmp_path, "fp8")
     full = load_checkpoint(path)
-    half = load_checkpoint(path, parallel=ExpertParallel(rank=1, world_size=2))
-    names = set(half.model.state_dict())
-    assert "layers.1.ffn.experts.4.w1.weight" in names and "layers.1.ffn.experts.3.w1.weight" not in names
-    expert_bytes = sum(
-        t.numel() * t.element_size() for n, t in full.model.state_dict().items() if ".ffn.experts." in n
-    )
-    assert full.nbytes - half.nbytes == expert_bytes // 2
+    half = load_checkpoint(path, parallel=Parallel(rank=1, world_size=2))
+    whole, mine = full.model.state_dict(), half.model.state_dict()
+    assert "layers.1.ffn.experts.4.w1.weight" in mine and "layers.1.ffn.experts.3.w1.weight" not in mine
+    # rank 1 holds the second half of the split rows / columns
+    for name, dim in [
+        ("layers.1.attn.wq_b.weight", 0),
+        ("layers.1.attn.wq_b.scale", 0),
+        ("layers.1.attn.attn_sink", 0),
+        ("layers.1.attn.wo_a.weight", 0),
+        ("layers.1.attn.wo_b.weight", 1),
+        ("layers.1.attn.wo_b.scale", 1),
+        ("layers.1.attn.indexer.wq_b.weight", 0),
+        ("layers.1.attn.indexer.weights_proj.weight", 0),
+    ]:
+        assert split_dim(name) == dim
+        n = whole[name].shape[dim] // 2
+        expect = whole[name][n:] if dim == 0 else whole[name][:, n:]
+        assert torch.equal(mine[name].view(torch.uint8), expect.contiguous().view(torch.uint8)), name
+    assert torch.equal(mine["layers.1.attn.wkv.weight"].view(torch.uint8), whole["layers.1.attn.wkv.weight"].view(torch.uint8))
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    halved = sum(nbytes(t) for n, t in whole.items() if ".ffn.experts." in n or split_dim(n) is not None)
+    assert full.nbytes - half.nbytes == halved // 2
     with pytest.raises(ValueError, match="do not split"):
-        load_checkpoint(path, parallel=ExpertParallel(rank=0, world_size=3))
+        load_checkpoint(path, parallel=Parallel(rank=0, world_size=3))
 
 
 def test_an_expert_beyond_the_config_is_still_unexpected(tmp_path):
-    from engine.deepseek_v4.model import ExpertParallel
+    from engine.deepseek_v4.parallel import Parallel
 
     _rewrite(tmp_path, lambda t: t.update({"layers.1.ffn.experts.8.w1.weight": torch.zeros(32, 32, dtype=torch.int8)}))
     with pytest.raises(ModelFormatError, match=r"unexpected tensor layers\.1\.ffn\.experts\.8\.w1\.weight"):
-        load_checkpoint(tmp_path, parallel=ExpertParallel(rank=0, world_size=2))
+        load_checkpoint(tmp_path, parallel=Parallel(rank=0, world_size=2))

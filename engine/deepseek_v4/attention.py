@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from engine.deepseek_v4.config import CSA, CSA_RATIO, WINDOW, ModelArgs, yarn_correction_range
+from engine.deepseek_v4.parallel import Parallel
 from engine.deepseek_v4.state import CompressorState, LayerState
 from engine.fp8 import DenseLinear, fp4_round, fp8_round, hadamard, make_linear
 
@@ -220,9 +221,11 @@ def round_kv_nope(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top-k (CSA)."""
 
-    def __init__(self, args: ModelArgs, simulate: bool):
+    def __init__(self, args: ModelArgs, simulate: bool, parallel: Parallel):
         super().__init__()
-        self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
+        parallel.check_split(args.index_n_heads, "index heads")
+        self.parallel = parallel
+        self.n_heads, self.head_dim = parallel.local(args.index_n_heads), args.index_head_dim
         self.topk, self.simulate = args.index_topk, simulate
         self.weight_scale = args.index_weight_scale
         self.wq_b = make_linear(
@@ -254,6 +257,7 @@ class Indexer(nn.Module):
             ],
             dim=1,
         )  # [B, T, N]: sum_c w[t,c] * relu(q[t,c] . k[n])
+        self.parallel.all_reduce(scores)  # over all index heads, before anyone picks
         visible = compressed_visibility(positions, keys.shape[1], CSA_RATIO)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, keys.shape[1])
@@ -277,14 +281,17 @@ def window_visibility(positions: torch.Tensor, key_positions: torch.Tensor, wind
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: Parallel = Parallel()):
         super().__init__()
-        self.args, self.simulate = args, simulate
+        parallel.check_split(args.num_attention_heads, "attention heads")
+        parallel.check_split(args.o_groups, "output groups")
+        self.args, self.simulate, self.parallel = args, simulate, parallel
         self.kind = args.layer_kind(layer_id)
         self.ratio = args.compress_ratios[layer_id]
-        self.n_heads, self.head_dim, self.rope_dim = args.num_attention_heads, args.head_dim, args.qk_rope_head_dim
+        # This rank's heads and output groups (all of them for one rank).
+        self.n_heads, self.head_dim, self.rope_dim = parallel.local(args.num_attention_heads), args.head_dim, args.qk_rope_head_dim
         self.window, self.eps, self.scale = args.sliding_window, args.rms_norm_eps, args.softmax_scale
-        self.groups, self.o_rank = args.o_groups, args.o_lora_rank
+        self.groups, self.o_rank = parallel.local(args.o_groups), args.o_lora_rank
         fmt, block = args.weight_format, args.weight_block_size
 
         def linear(i: int, o: int) -> nn.Module:
@@ -303,7 +310,7 @@ class Attention(nn.Module):
         if self.kind != WINDOW:
             self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False, simulate=simulate)
         if self.kind == CSA:
-            self.indexer = Indexer(args, simulate)
+            self.indexer = Indexer(args, simulate, parallel)
 
     def forward(
         self, x: torch.Tensor, start_pos: int, st: LayerState, attn_impl: str = "sparse"
@@ -368,5 +375,5 @@ class Attention(nn.Module):
         o = o.reshape(B, T, self.groups, -1)
         wo_a = self.wo_a.dequantized().to(o.dtype).view(self.groups, self.o_rank, -1)
         o = torch.einsum("btgi,gri->btgr", o, wo_a)
-        return self.wo_b(o.flatten(2))
+        return self.parallel.all_reduce(self.wo_b(o.flatten(2)))
 

@@ -13,15 +13,12 @@ full-precision math that other ports (transformers) implement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from engine.deepseek_v4.attention import Attention, RMSNorm
+from engine.deepseek_v4.parallel import Parallel
 from engine.deepseek_v4.config import ModelArgs
 from engine.deepseek_v4.state import DSV4State
 from engine.errors import ModelFormatError
@@ -88,31 +85,15 @@ class Expert(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
-@dataclass(frozen=True)
-class ExpertParallel:
-    """This process's share of the routed experts: rank r of W holds the contiguous slice
-    [r*E/W, (r+1)*E/W). Routed outputs are summed over ranks with all_reduce; the gate and
-    the shared expert run on every rank (as in DeepSeek's inference code)."""
-
-    rank: int = 0
-    world_size: int = 1
-    group: Any = None  # a torch.distributed process group; None = the default one
-
-    def owns(self, expert: int, n_experts: int) -> bool:
-        per = n_experts // self.world_size
-        return self.rank * per <= expert < (self.rank + 1) * per
-
-
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: Parallel):
         super().__init__()
         self.n_experts, self.parallel = args.n_routed_experts, parallel
-        if self.n_experts % parallel.world_size:
-            raise ValueError(f"{self.n_experts} experts do not split over {parallel.world_size} ranks")
+        parallel.check_split(self.n_experts, "experts")
         self.gate = Gate(args, layer_id)
         # Other ranks' experts are None: their names stay out of this rank's state dict.
         self.experts = nn.ModuleList(
-            Expert(args, args.expert_format, simulate) if parallel.owns(e, self.n_experts) else None
+            Expert(args, args.expert_format, simulate) if parallel.owns_expert(e, self.n_experts) else None
             for e in range(self.n_experts)
         )
         self.shared_experts = Expert(args, args.weight_format, simulate)
@@ -127,8 +108,7 @@ class MoE(nn.Module):
                 continue
             rows, slot = torch.where(experts == e)
             y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
-        if self.parallel.world_size > 1:
-            dist.all_reduce(y, group=self.parallel.group)
+        self.parallel.all_reduce(y)
         y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
 
@@ -160,10 +140,10 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 class Block(nn.Module):
     """hc_pre(attn) -> attn_norm -> attention -> hc_post -> hc_pre(ffn) -> ffn_norm -> MoE -> hc_post."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: Parallel):
         super().__init__()
         self.args = args
-        self.attn = Attention(args, layer_id, simulate)
+        self.attn = Attention(args, layer_id, simulate, parallel)
         self.ffn = MoE(args, layer_id, simulate, parallel)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -209,7 +189,7 @@ class MTPBlock(Block):
     """The multi-token-prediction layer (`mtp.0.*`). Its weights load so checkpoints with
     MTP are accepted strictly; plain generation does not run it."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: ExpertParallel):
+    def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: Parallel):
         super().__init__(args, layer_id, simulate, parallel)
         d, hc = args.hidden_size, args.hc_mult
         fmt, block = args.weight_format, args.weight_block_size
@@ -232,7 +212,7 @@ class Transformer(nn.Module):
         *,
         simulate: bool = False,
         dtype: torch.dtype = torch.float32,
-        parallel: ExpertParallel = ExpertParallel(),
+        parallel: Parallel = Parallel(),
     ):
         super().__init__()
         self.args, self.simulate, self.dtype, self.parallel = args, simulate, dtype, parallel

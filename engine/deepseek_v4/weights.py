@@ -5,8 +5,8 @@ A checkpoint is `config.json` plus safetensors shards listed in `model.safetenso
 which are the `Transformer`'s own state-dict names, so no rename table is needed.
 
 Strict: every tensor the model needs must be present with the right shape and a dtype of
-the right kind, and nothing else may be (other ranks' routed experts, under expert
-parallelism, are known and skipped); otherwise `ModelFormatError` names the tensor.
+the right kind, and nothing else may be (other ranks' routed experts are known and
+skipped); otherwise `ModelFormatError` names the tensor.
 FP8 and FP4 tensors stay quantised in memory (dequantised per matmul), so memory tracks
 the checkpoint's size. Shards are opened with safetensors' memory-mapped reader; nothing
 is pickled and no code from the checkpoint runs.
@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 
 from engine.deepseek_v4.config import ModelArgs
-from engine.deepseek_v4.model import ExpertParallel, Transformer
+from engine.deepseek_v4.model import Transformer
+from engine.deepseek_v4.parallel import Parallel
 from engine.errors import ModelFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,6 +45,17 @@ _SAFETENSORS_DTYPES = {
 }
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _EXPERT_NAME = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
+# Tensor-parallel tensors and the dim each rank takes a slice of (see parallel.py).
+_SPLIT_ROWS = re.compile(r"\.attn\.(?:(?:indexer\.)?wq_b\.(?:weight|scale)|wo_a\.(?:weight|scale)|attn_sink|indexer\.weights_proj\.weight)$")
+_SPLIT_COLS = re.compile(r"\.attn\.wo_b\.(?:weight|scale)$")
+
+
+def split_dim(name: str) -> int | None:
+    if _SPLIT_ROWS.search(name):
+        return 0
+    if _SPLIT_COLS.search(name):
+        return 1
+    return None
 _INTS = (torch.int64, torch.int32)
 
 
@@ -53,7 +65,7 @@ class LoadedCheckpoint:
     model: Transformer
     directory: Path
     simulate: bool
-    parallel: ExpertParallel
+    parallel: Parallel
 
     @property
     def nbytes(self) -> int:
@@ -94,14 +106,14 @@ def load_checkpoint(
     simulate: bool | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    parallel: ExpertParallel = ExpertParallel(),
+    parallel: Parallel = Parallel(),
 ) -> LoadedCheckpoint:
     """Build the model for `directory/config.json` and load every tensor strictly.
 
     `simulate` (DeepSeek's in-model FP8/FP4 rounding) defaults to on for FP8/FP4
     checkpoints and off for bf16/fp32 ones. `dtype` is the activation/compute dtype.
-    With expert parallelism, other ranks' routed experts are expected in the files and
-    left unread.
+    With several ranks (`parallel`), other ranks' routed experts are expected in the files
+    and left unread, and tensor-parallel tensors are read as this rank's slice.
     """
     directory = Path(directory)
     args = ModelArgs.from_file(directory / "config.json")
@@ -115,7 +127,7 @@ def load_checkpoint(
         match = _EXPERT_NAME.match(name)
         if match is None or int(match.group(1)) >= args.n_routed_experts:
             return False
-        return not parallel.owns(int(match.group(1)), args.n_routed_experts)
+        return not parallel.owns_expert(int(match.group(1)), args.n_routed_experts)
 
     foreign = {name for name in names if other_ranks(name)}
 
@@ -147,9 +159,13 @@ def load_checkpoint(
                 view = f.get_slice(name)
                 shape = tuple(view.get_shape())
                 want = expected[name]
-                if shape != tuple(want.shape):
+                full = list(want.shape)
+                dim = split_dim(name) if parallel.world_size > 1 else None
+                if dim is not None:
+                    full[dim] *= parallel.world_size
+                if list(shape) != full:
                     raise ModelFormatError(
-                        f"tensor {name} has shape {list(shape)}, expected {list(want.shape)}",
+                        f"tensor {name} has shape {list(shape)}, expected {full}",
                         hint="the config.json does not match the weights",
                     )
                 found = _SAFETENSORS_DTYPES.get(view.get_dtype())
@@ -157,7 +173,12 @@ def load_checkpoint(
                     raise ModelFormatError(
                         f"tensor {name} has dtype {view.get_dtype()}, expected {str(want.dtype).removeprefix('torch.')}"
                     )
-                loaded[name] = f.get_tensor(name)
+                if dim is None:
+                    loaded[name] = f.get_tensor(name)
+                else:  # read only this rank's rows or columns
+                    n = want.shape[dim]
+                    part = slice(parallel.rank * n, (parallel.rank + 1) * n)
+                    loaded[name] = (view[part] if dim == 0 else view[:, part]).contiguous()
     model.load_state_dict(loaded, strict=True, assign=True)
     model.eval()
     return LoadedCheckpoint(args, model, directory, simulate, parallel)
