@@ -10,7 +10,8 @@ What a reader of the pack sees:
 - links as `text (url)` when the url is absolute (and not absurdly long), else just the text;
   an icon link by its aria-label or title; images as their alt text;
 - script, style, head, nav, forms' controls and other page furniture dropped, and elements
-  marked hidden (`hidden`, `aria-hidden="true"`, an inline `display: none`);
+  marked hidden (`hidden`, `aria-hidden="true"`, an inline `display: none`), navigation by
+  role, and Sphinx's `¶` heading permalinks;
 - entities decoded, whitespace collapsed outside `<pre>`, lines never wrapped.
 
 The parser tolerates what browsers tolerate here: unclosed `<p>`, `<li>`, `<dd>`, `<td>` and
@@ -131,8 +132,7 @@ class _TextBuilder(HTMLParser):
                 if tag not in _VOID:
                     self.dropping.append(tag)  # so that the dropped element's own end is found
                 return
-        if tag in _DROPPED or "hidden" in attributes or attributes.get("aria-hidden") == "true" \
-                or _INVISIBLE_STYLE.search(attributes.get("style", "")):
+        if tag in _DROPPED or _is_furniture(attributes):
             if tag not in _VOID:
                 self.dropping.append(tag)
             return
@@ -424,9 +424,9 @@ class _TextBuilder(HTMLParser):
 
     def _block(self, level: int) -> None:
         self._flush()
-        if level == BLANK and self.containers and self.containers[-1].kind == "item" \
+        if level == BLANK and self.containers and self.containers[-1].kind in ("item", "definition") \
                 and not self.containers[-1].used:
-            level = LINE  # a paragraph opening a list item stays on the marker's line
+            level = LINE  # a paragraph opening a list item or definition stays close to it
         self.pending = max(self.pending, level)
 
     def _flush(self) -> None:
@@ -491,6 +491,18 @@ class _TextBuilder(HTMLParser):
             self._end_pre()
         body = "\n".join(line.rstrip() for line in self.lines)
         return body.strip("\n") + "\n"
+
+
+def _is_furniture(attributes: dict[str, str]) -> bool:
+    """Hidden elements, navigation by role, and the `¶` permalinks documentation generators
+    put after every heading."""
+    return (
+        "hidden" in attributes
+        or attributes.get("aria-hidden") == "true"
+        or attributes.get("role") in ("navigation", "search")
+        or "headerlink" in attributes.get("class", "").split()
+        or _INVISIBLE_STYLE.search(attributes.get("style", "")) is not None
+    )
 
 
 def _collapse(text: str) -> str:

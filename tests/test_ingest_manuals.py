@@ -501,3 +501,15 @@ def test_self_referencing_roff_stops(definitions: str) -> None:
     started = time.perf_counter()
     text = convert("x.1", f".TH X 1\n{definitions}still here\n".encode(), document_mode=True)
     assert "still here" in text and time.perf_counter() - started < 5
+
+
+def test_html_generated_documentation_furniture() -> None:
+    # The shape Sphinx gives a page: related-links bar, permalinks, definition lists of <p>s.
+    page = (b'<div class="related" role="navigation"><ul><li><a href="index.html">index</a></li>'
+            b'</ul></div><section id="idle"><h1>IDLE<a class="headerlink" href="#idle" '
+            b'title="Link to this heading">\xc2\xb6</a></h1><dl class="simple">'
+            b"<dt>New File</dt><dd><p>Create a new file editing window.</p></dd>"
+            b"<dt>Open\xe2\x80\xa6</dt><dd><p>Open an existing file.</p><p>Twice.</p></dd></dl></section>")
+    assert convert("idle.html", page, document_mode=True) == (
+        "# IDLE\n\nNew File\n    Create a new file editing window.\n\n"
+        "Open\u2026\n    Open an existing file.\n\n    Twice.\n")
