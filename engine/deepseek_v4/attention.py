@@ -289,7 +289,8 @@ class Attention(nn.Module):
         self.kind = args.layer_kind(layer_id)
         self.ratio = args.compress_ratios[layer_id]
         # This rank's heads and output groups (all of them for one rank).
-        self.n_heads, self.head_dim, self.rope_dim = parallel.local(args.num_attention_heads), args.head_dim, args.qk_rope_head_dim
+        self.n_heads = parallel.local(args.num_attention_heads)
+        self.head_dim, self.rope_dim = args.head_dim, args.qk_rope_head_dim
         self.window, self.eps, self.scale = args.sliding_window, args.rms_norm_eps, args.softmax_scale
         self.groups, self.o_rank = parallel.local(args.o_groups), args.o_lora_rank
         fmt, block = args.weight_format, args.weight_block_size

@@ -179,7 +179,9 @@ class Block(nn.Module):
         return self._hc_post(self.ffn(self.ffn_norm(u), token_ids), x, post, comb)
 
 
-def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float) -> torch.Tensor:
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float
+) -> torch.Tensor:
     """Collapse the streams [B,T,S,d] -> [B,T,d] with sigmoid weights (no Sinkhorn)."""
     pre = torch.sigmoid(hc_mixes(x, fn, norm_eps) * scale + base) + hc_eps
     return (pre[..., None] * x.float()).sum(dim=2).to(x.dtype)
@@ -243,7 +245,9 @@ class Transformer(nn.Module):
         """A state from `DSV4State.export()` output, moved to this model's device."""
         want = str(self.dtype).removeprefix("torch.")
         if meta.get("dtype") != want:
-            raise ModelFormatError(f"saved DeepSeek-V4 state holds {meta.get('dtype')} entries; this model computes in {want}")
+            raise ModelFormatError(
+                f"saved DeepSeek-V4 state holds {meta.get('dtype')} entries; this model computes in {want}"
+            )
         device = self.head.weight.device
         state = DSV4State.restore(self.args, {k: v.to(device) for k, v in tensors.items()}, meta)
         state.max_len = self.args.context_length

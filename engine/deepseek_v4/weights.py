@@ -46,7 +46,9 @@ _SAFETENSORS_DTYPES = {
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _EXPERT_NAME = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 # Tensor-parallel tensors and the dim each rank takes a slice of (see parallel.py).
-_SPLIT_ROWS = re.compile(r"\.attn\.(?:(?:indexer\.)?wq_b\.(?:weight|scale)|wo_a\.(?:weight|scale)|attn_sink|indexer\.weights_proj\.weight)$")
+_SPLIT_ROWS = re.compile(
+    r"\.attn\.(?:(?:indexer\.)?wq_b\.(?:weight|scale)|wo_a\.(?:weight|scale)|attn_sink|indexer\.weights_proj\.weight)$"
+)
 _SPLIT_COLS = re.compile(r"\.attn\.wo_b\.(?:weight|scale)$")
 
 
