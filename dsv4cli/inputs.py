@@ -27,6 +27,11 @@ class AskInputs:
     def has_context(self) -> bool:
         return bool(self.sources)
 
+    @property
+    def stdin_only(self) -> bool:
+        """Piped text is the whole context (no SOURCE paths given)."""
+        return self.sources == (STDIN,)
+
 
 def stdin_is_piped(stream: TextIO | None = None) -> bool:
     stream = stream if stream is not None else sys.stdin

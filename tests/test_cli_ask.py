@@ -109,9 +109,17 @@ def test_piped_stdin_without_source_is_the_context(fake, monkeypatch, capsys):
     diff = "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
     _pipe(monkeypatch, diff)
     assert main(["ask", "review this"]) == 0
-    user = fake.calls[0].user_text
-    assert diff in user and user.endswith("\n\nreview this")
-    assert user.index(diff) < user.index("review this")
+    # Piped text alone goes in as it is, first, with the question last.
+    assert fake.calls[0].user_text == diff + "\n\nreview this"
+
+
+def test_piped_stdin_too_long_for_the_context(fake, monkeypatch, capsys):
+    _pipe(monkeypatch, "many words here " * 400)
+    fake.context_length = 512
+    assert main(["ask", "--max-tokens", "64", "summarise"]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("Error: context too long: stdin has") and "SOURCE" in line
+    assert fake.calls == []
 
 
 def test_empty_pipe_means_the_question_alone(fake, monkeypatch):

@@ -172,8 +172,20 @@ def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: 
     overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": PACK_QUESTION_SEPARATOR + inputs.question}]))
     _check_room(overhead + _JOIN_SLACK_TOKENS, options.max_tokens, context, name)
     budget = context - overhead - _JOIN_SLACK_TOKENS - options.max_tokens
-    result = _pack(inputs, options, tokenizer, budget, context, name)
-    return head + [{"role": "user", "content": result.text + PACK_QUESTION_SEPARATOR + inputs.question}]
+    if inputs.stdin_only:
+        # Piped text alone (a diff, a log) goes in as it is: a one-document "repository"
+        # frame only distracts a small model, and a single text has no outline to fall back to.
+        context_text = inputs.stdin_text or ""
+        needed = tokenizer.count(context_text)
+        if needed > budget:
+            raise CliError(
+                f"context too long: stdin has {needed:,} tokens, but {name} holds {context:,} "
+                f"and leaves {budget:,} for it",
+                "pipe less text, lower --max-tokens, or pass files as SOURCEs so the packer can reduce them",
+            )
+    else:
+        context_text = _pack(inputs, options, tokenizer, budget, context, name).text
+    return head + [{"role": "user", "content": context_text + PACK_QUESTION_SEPARATOR + inputs.question}]
 
 
 def _check_room(prompt_tokens: int, max_tokens: int, context: int, name: str) -> None:
