@@ -112,5 +112,5 @@ def _store(path: Path, entry: dict) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-    except OSError:
-        pass  # a read-only or full disk costs speed, never the pack
+    except (OSError, ValueError):
+        pass  # a read-only or full disk (or an unwritable text) costs speed, never the pack

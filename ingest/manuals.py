@@ -51,14 +51,17 @@ def convert(relpath: str, data: bytes, *, document_mode: bool) -> str | None:
     if kind == "pdf":
         from ingest.manuals_pdf import pdf_to_text  # pypdf costs an import only when needed
 
-        return pdf_to_text(data)
-    if kind == "html":
+        text = pdf_to_text(data)
+    elif kind == "html":
         from ingest.manuals_html import html_to_text
 
-        return html_to_text(data)
-    from ingest.manuals_roff import roff_to_text
+        text = html_to_text(data)
+    else:
+        from ingest.manuals_roff import roff_to_text
 
-    return roff_to_text(_man_source(data))
+        text = roff_to_text(_man_source(data))
+    # A document can name a lone surrogate (&#xD800;, \[uD800]); the pack must be valid UTF-8.
+    return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def document_kind(relpath: str, data: bytes, *, document_mode: bool) -> DocumentKind | None:

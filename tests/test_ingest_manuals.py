@@ -513,3 +513,10 @@ def test_html_generated_documentation_furniture() -> None:
     assert convert("idle.html", page, document_mode=True) == (
         "# IDLE\n\nNew File\n    Create a new file editing window.\n\n"
         "Open\u2026\n    Open an existing file.\n\n    Twice.\n")
+
+
+def test_lone_surrogates_never_reach_the_pack() -> None:
+    for name, data in (("a.html", b"<p>a &#xD800; b</p>"), ("x.1", b".TH X 1\n.SH N\na \\[uD800] b\n")):
+        text = convert(name, data, document_mode=True)
+        text.encode("utf-8")  # raises on a lone surrogate
+        assert "a " in text and " b" in text
