@@ -47,6 +47,7 @@ class PackResult:
     stable_prefix_chars: int = 0      # length of the file bodies, before the volatile tail
     tokenizer: str | None = None
     tokenized_blocks: int = 0         # blocks the tokenizer actually saw (the rest came from cache)
+    from_cache: bool = False          # the whole output came from the pack cache (nothing changed)
 
 
 @dataclass
@@ -79,22 +80,41 @@ def pack(
     if options.budget is not None and tokenizer is None:
         raise IngestError("a token budget needs a tokenizer", "pass the model whose tokenizer counts")
     units, warnings = _units(sources, options, cache_dir)
-    documents = _read_all(units, options, cache_dir, stdin_text, warnings)
-    documents, duplicates = _dedupe_documents(documents)
-    warnings += duplicates
+    attributes = _attributes(units, options)
+    cache, key, newest_change_ns = None, None, 0
+    if cache_dir is not None:
+        from ingest.pack_cache import PackCache
 
+        material, newest_change_ns = _cache_material(units, attributes, options, tokenizer, stdin_text)
+        if material is not None:
+            cache = PackCache(cache_dir)
+            key = cache.key(material)
+            hit = cache.load(key)
+            if hit is not None:
+                return _result_from_cache(*hit, warnings)
+
+    read_warnings: list[str] = []
+    documents = _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings)
+    documents, duplicates = _dedupe_documents(documents)
+    read_warnings += duplicates
+    result = _pack_documents(fmt, documents, options, tokenizer, cache_dir)
+    result.warnings = warnings + read_warnings
+    if cache is not None and key is not None:
+        cache.store(key, _cache_meta(result, read_warnings), result.text, newest_change_ns)
+    return result
+
+
+def _pack_documents(fmt, documents: list[Document], options: PackOptions, tokenizer, cache_dir) -> PackResult:
+    """Render, count and fit documents that are already read and in pack order."""
     from ingest.tokens import TokenCounter
 
     counter = TokenCounter(tokenizer, cache_dir) if tokenizer is not None else None
     full_blocks = [file_block(fmt, d.path, d.text) if d.text is not None else "" for d in documents]
+    block_tokens = [0] * len(documents)
     if counter is not None:
         to_count = [(i, b) for i, b in enumerate(full_blocks) if b]
-        counts = counter.count([b for _, b in to_count])
-        block_tokens = [0] * len(documents)
-        for (i, _), n in zip(to_count, counts):
+        for (i, _), n in zip(to_count, counter.count([b for _, b in to_count])):
             block_tokens[i] = n
-    else:
-        block_tokens = [0] * len(documents)
     statuses = ["full" if d.text is not None else "listed" for d in documents]
     reasons = [d.reason for d in documents]
     outlines: dict[int, str] = {}
@@ -127,11 +147,74 @@ def pack(
         text=body_text + "".join(tail),
         total_tokens=total,
         files=files,
-        warnings=warnings,
         reduced=reductions,
         stable_prefix_chars=len(body_text),
         tokenizer=getattr(tokenizer, "name", None),
         tokenized_blocks=counter.tokenized_blocks if counter is not None else 0,
+    )
+
+
+# ------------------------------------------------------------------------------ whole-pack cache
+
+
+def _cache_material(units: list[_Unit], attributes: list, options: PackOptions, tokenizer,
+                    stdin_text: str | None) -> tuple[dict | None, int]:
+    """What the output depends on, for the whole-pack cache key; None when it cannot be known."""
+    import dataclasses
+    import hashlib
+
+    from ingest.pack_cache import file_fingerprint
+
+    newest = 0
+    described = []
+    for unit, marks in zip(units, attributes):
+        if unit.selection is None:
+            text = stdin_text or ""
+            described.append({"stdin": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()})
+            continue
+        root = str(unit.selection.root)
+        fingerprints = []
+        for path in unit.ordered:
+            fingerprint = file_fingerprint(os.path.join(root, path))
+            if fingerprint is None:
+                return None, 0
+            newest = max(newest, fingerprint[2], fingerprint[3])
+            fingerprints.append(fingerprint)
+        described.append({
+            "root": root, "prefix": unit.prefix, "document_mode": unit.document_mode, "paths": unit.ordered,
+            "submodules": sorted(unit.selection.submodules), "fingerprints": fingerprints,
+            "marks": [marks.reason(p) for p in unit.ordered] if marks is not None else None,
+        })
+    material = {
+        "format": options.format, "budget": options.budget,
+        "select": dataclasses.asdict(options.select), "read": dataclasses.asdict(options.read),
+        "tokenizer": None if tokenizer is None else str(tokenizer.digest),
+        "units": described,
+    }
+    return material, newest
+
+
+def _cache_meta(result: PackResult, read_warnings: list[str]) -> dict:
+    return {
+        "total_tokens": result.total_tokens,
+        "files": [[f.path, f.status, f.reason, f.tokens] for f in result.files],
+        "read_warnings": read_warnings,
+        "reduced": [[r.path, r.before, r.after] for r in result.reduced],
+        "stable_prefix_chars": result.stable_prefix_chars,
+        "tokenizer": result.tokenizer,
+    }
+
+
+def _result_from_cache(meta: dict, text: str, warnings: list[str]) -> PackResult:
+    return PackResult(
+        text=text,
+        total_tokens=meta["total_tokens"],
+        files=[FileReport(*entry) for entry in meta["files"]],
+        warnings=warnings + list(meta["read_warnings"]),
+        reduced=[Reduction(*entry) for entry in meta["reduced"]],
+        stable_prefix_chars=meta["stable_prefix_chars"],
+        tokenizer=meta["tokenizer"],
+        from_cache=True,
     )
 
 
@@ -223,26 +306,33 @@ def _dedupe_documents(documents: list[Document]) -> tuple[list[Document], list[s
 # ------------------------------------------------------------------------------ reading
 
 
-def _read_all(units: list[_Unit], options: PackOptions, cache_dir: Path | None, stdin_text: str | None,
-              warnings: list[str]) -> list[Document]:
-    from ingest.read import load_attributes, read_document
+def _attributes(units: list[_Unit], options: PackOptions) -> list:
+    """The .gitattributes marks (linguist-generated/-vendored) per unit; None when not filtering."""
+    from ingest.read import load_attributes
+
+    return [load_attributes(u.selection) if u.selection is not None and options.read.default_filters else None
+            for u in units]
+
+
+def _read_all(units: list[_Unit], attributes: list, options: PackOptions, cache_dir: Path | None,
+              stdin_text: str | None, warnings: list[str]) -> list[Document]:
+    from ingest.read import read_document
 
     documents: list[Document] = []
-    for unit in units:
+    for unit, unit_attributes in zip(units, attributes):
         if unit.selection is None:
             text = stdin_text if stdin_text is not None else ""
             documents.append(Document(path=STDIN_PATH, text=text, size=len(text.encode("utf-8", "replace"))))
             continue
         selection = unit.selection
         submodules = set(selection.submodules)
-        attributes = load_attributes(selection) if options.read.default_filters else None
-        warnings += [w for w in selection.warnings if w not in warnings]
         converter = _converter(cache_dir, unit.document_mode)
 
         def read_one(path: str, selection: Selection = selection) -> Document:
             if path in submodules:
                 return Document(path=path, text=None, status="listed", reason="submodule")
-            return read_document(selection.root, path, options.read, attributes=attributes, converter=converter)
+            return read_document(selection.root, path, options.read, attributes=unit_attributes,
+                                 converter=converter)
 
         # Sequential on purpose: with 4 threads, 2,300 files read in 0.16 s instead of 0.11 s
         # (the work is short and holds the GIL between the system calls).

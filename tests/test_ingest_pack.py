@@ -168,3 +168,35 @@ def test_list_paths_is_pack_order_before_content_filters(tmp_path):
 def test_missing_source_raises(tmp_path):
     with pytest.raises(SourceNotFound):
         pack([tmp_path / "nope"])
+
+
+def test_whole_pack_cache_serves_an_unchanged_repository_and_notices_changes(tmp_path, tokenizer, monkeypatch):
+    import ingest.pack_cache as pack_cache
+
+    monkeypatch.setattr(pack_cache, "RACY_SECONDS", -10.0)   # the files were all written just now
+    root = make_repo(tmp_path / "r", 20, "whole")
+    cache = tmp_path / "cache"
+    first = pack([root], tokenizer=tokenizer, cache_dir=cache)
+    second = pack([root], tokenizer=tokenizer, cache_dir=cache)
+    assert not first.from_cache and second.from_cache
+    assert (second.text, second.total_tokens, second.files) == (first.text, first.total_tokens, first.files)
+    # same size, same mtime, different bytes: the ctime still moves, so it is seen
+    victim = next(p for p in sorted(root.rglob("*.py")) if ".git" not in p.parts and p.stat().st_size > 3)
+    info = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[0] = ord("Z") if data[0] != ord("Z") else ord("Y")
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(info.st_atime_ns, info.st_mtime_ns))
+    third = pack([root], tokenizer=tokenizer, cache_dir=cache)
+    assert not third.from_cache and third.text != first.text
+    assert third.total_tokens == tokenizer.count(third.text)
+    # other options are other entries
+    markdown = pack([root], options=PackOptions(format="markdown"), tokenizer=tokenizer, cache_dir=cache)
+    assert not markdown.from_cache and markdown.text.startswith("## ")
+
+
+def test_whole_pack_cache_skips_files_changed_just_now(tmp_path, tokenizer):
+    root = make_repo(tmp_path / "r", 5, "racy")
+    cache = tmp_path / "cache"
+    pack([root], tokenizer=tokenizer, cache_dir=cache)
+    assert not pack([root], tokenizer=tokenizer, cache_dir=cache).from_cache
