@@ -32,6 +32,8 @@ _DROPPED = frozenset({
 })
 _VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
                    "param", "source", "track", "wbr"})
+# Elements whose end tag HTML lets an author leave out.
+_IMPLIED_END = frozenset({"p", "li", "dt", "dd", "tr", "td", "th", "option", "thead", "tbody"})
 _INVISIBLE_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.IGNORECASE)
 _HEAD_CONTENT = frozenset({"title", "meta", "link", "style", "script", "base", "noscript", "template"})
 # Blocks that start a paragraph (blank line) or only a new line.
@@ -128,6 +130,9 @@ class _TextBuilder(HTMLParser):
         if self.dropping:
             if self.dropping == ["head"] and (tag == "body" or tag not in _HEAD_CONTENT):
                 self.dropping.clear()  # the head ends where the body's content begins
+            elif self.dropping[0] in _IMPLIED_END and self.dropping[-1] == tag and \
+                    all(open_tag in _IMPLIED_END for open_tag in self.dropping):
+                self.dropping.clear()  # <p hidden>x<p>y: the second <p> ends the first
             else:
                 if tag not in _VOID:
                     self.dropping.append(tag)  # so that the dropped element's own end is found
@@ -153,6 +158,8 @@ class _TextBuilder(HTMLParser):
             if tag in self.dropping:
                 while self.dropping.pop() != tag:
                     pass
+            elif self.dropping[0] in _IMPLIED_END:
+                self.dropping.clear()  # the parent of an unclosed hidden <p> or <li> ended
             return
         if self.pre_depth:
             if tag == "pre":

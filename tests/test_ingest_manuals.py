@@ -482,6 +482,10 @@ def test_html_drops_hidden_elements_and_labels_icon_links() -> None:
             b'<a href="https://play.example/?code=' + b"x" * 300 + b'">Run code</a></p>')
     assert convert("a.html", page, document_mode=True) == (
         "Shown Git repository (https://git.example/repo) Run code\n")
+    # A hidden element whose end tag is implied must not hide the rest of the page.
+    for unclosed in (b"<div><p hidden>x</div><p>shown</p>", b"<p hidden>x<p>shown",
+                     b"<ul><li hidden>x<li>shown</ul>", b"<div hidden><p>x<p>y</div>shown"):
+        assert convert("a.html", unclosed, document_mode=True).strip("- \n") == "shown"
 
 
 def test_pdf_table_of_contents_leaders_are_shortened() -> None:
