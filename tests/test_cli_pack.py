@@ -83,6 +83,10 @@ def test_output_file_stdin_and_files_from(repo, tiny_gguf, tmp_path):
     result = dsv4("pack", "--model", str(tiny_gguf), "--format", "markdown", "-o", str(target), cwd=repo)
     assert result.returncode == 0 and result.stdout == b""
     assert target.read_text().startswith("## ")
+    inside = repo / "pack [1].xml"
+    for _ in range(2):
+        assert dsv4("pack", "--model", str(tiny_gguf), "-o", str(inside), cwd=repo).returncode == 0
+    assert "pack [1].xml" not in inside.read_text()        # the previous pack is not packed
     piped = dsv4("pack", "-", "--model", str(tiny_gguf), cwd=repo, stdin=b"some text\n")
     assert piped.stdout.decode().startswith('<file path="stdin">\nsome text\n</file>\n')
     listed = dsv4("pack", "--files-from", "-", "--model", str(tiny_gguf), "--format", "plain", cwd=repo,
@@ -134,6 +138,19 @@ def test_git_only_option_outside_git_is_an_error(tmp_path, tiny_gguf):
 def test_unknown_model_fails_clearly_without_network(repo, tmp_path):
     result = dsv4("pack", "--model", str(tmp_path / "absent.gguf"), cwd=repo)
     assert result.returncode == 1 and result.stderr.decode().startswith("Error: ")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
+def test_unreadable_file_is_listed_with_a_warning(repo, tiny_gguf):
+    secret = repo / "src" / "secret.py"
+    secret.write_text("x = 1\n")
+    secret.chmod(0)
+    try:
+        result = dsv4("pack", "--model", str(tiny_gguf), cwd=repo)
+    finally:
+        secret.chmod(0o644)
+    assert result.returncode == 0
+    assert "secret.py" in result.stderr.decode() and "- src/secret.py (listed: unreadable" in result.stdout.decode()
 
 
 def test_pack_never_imports_torch(repo, tiny_gguf):

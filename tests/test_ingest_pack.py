@@ -200,3 +200,17 @@ def test_whole_pack_cache_skips_files_changed_just_now(tmp_path, tokenizer):
     cache = tmp_path / "cache"
     pack([root], tokenizer=tokenizer, cache_dir=cache)
     assert not pack([root], tokenizer=tokenizer, cache_dir=cache).from_cache
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["xml", "markdown", "plain"])
+def test_real_tokenizer_counts_add_up_on_this_repository(fmt):
+    from engine.tokenizer import Tokenizer
+    from tests.tinymodels import real_model_gguf
+
+    path = real_model_gguf()
+    if path is None:
+        pytest.skip("the real embedded model is not installed")
+    tokenizer = Tokenizer.from_gguf(path)
+    result = pack([Path(__file__).resolve().parents[1]], options=PackOptions(format=fmt), tokenizer=tokenizer)
+    assert result.total_tokens == tokenizer.count(result.text)

@@ -86,6 +86,8 @@ def run_pack(*, sources: list[str], output: Path | None, fmt: str, budget: int |
 
             raise SourceNotFound(f"no such file or directory: {source}", "check the path; use '-' to read from stdin")
 
+    if output is not None:
+        exclude = exclude + _self_exclusions(output, sources or ["."])
     options = ingest.PackOptions(
         format=fmt,
         budget=budget,
@@ -107,6 +109,21 @@ def run_pack(*, sources: list[str], output: Path | None, fmt: str, budget: int |
     if summary_json is not None:
         _write_summary_json(summary_json, result)
     _print_summary(result, budget)
+
+
+def _self_exclusions(output: Path, sources: list[str]) -> list[str]:
+    """-o inside a SOURCE would pack the previous pack: exclude it (an anchored, escaped pattern)."""
+    target = output.resolve()
+    patterns = []
+    for source in sources:
+        if source == "-" or not os.path.isdir(source):
+            continue
+        try:
+            relative = target.relative_to(Path(source).resolve()).as_posix()
+        except ValueError:
+            continue
+        patterns.append("/" + re.sub(r"([\\*?\[\]!#])", r"\\\1", relative))
+    return patterns
 
 
 def _load_tokenizer(model: str):
