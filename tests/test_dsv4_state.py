@@ -255,3 +255,24 @@ def test_the_shared_generation_loop_drives_the_model(tiny):
         seq.append(nxt)
     assert text == "".join(_AsciiTokenizer().id_to_bytes(t).decode() for t in expected)
     assert done.usage.completion_tokens == len(expected)
+
+
+@torch.no_grad()
+def test_mtp_predictions_are_chunk_invariant(tiny):
+    tokens = ids(1, 31, seed=7)
+    inputs, following = tokens[:, :-1], tokens[:, 1:]
+
+    def run(sizes: list[int]) -> torch.Tensor:
+        state, mtp_state, out, pos = tiny.new_state(1), tiny.new_mtp_state(1), [], 0
+        for size in sizes:
+            h = tiny.hidden_streams(inputs[:, pos : pos + size], state, pos)
+            out.append(tiny.mtp_logits(h, following[:, pos : pos + size], pos, mtp_state))
+            pos += size
+        return torch.cat(out, dim=1)
+
+    one_shot = run([30])
+    assert one_shot.shape == (1, 30, 512) and torch.isfinite(one_shot).all()
+    assert torch.allclose(run([1, 4, 9, 16]), one_shot, atol=ATOL)
+    assert torch.allclose(run([1] * 30), one_shot, atol=ATOL)
+    # it is a different head from the main one
+    assert not torch.allclose(one_shot, tiny(inputs), atol=1e-2)

@@ -20,7 +20,7 @@ from torch import nn
 from engine.deepseek_v4.attention import Attention, RMSNorm
 from engine.deepseek_v4.parallel import Parallel
 from engine.deepseek_v4.config import ModelArgs
-from engine.deepseek_v4.state import DSV4State
+from engine.deepseek_v4.state import DSV4State, LayerState
 from engine.errors import ModelFormatError
 from engine.fp8 import DenseLinear, make_linear
 
@@ -171,7 +171,7 @@ class Block(nn.Module):
         return y.to(x.dtype)
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor, start_pos: int, layer_state, attn_impl: str = "sparse"
+        self, x: torch.Tensor, token_ids: torch.Tensor, start_pos: int, layer_state: LayerState, attn_impl: str = "sparse"
     ) -> torch.Tensor:
         u, post, comb = self._hc_pre(x, "attn")
         x = self._hc_post(self.attn(self.attn_norm(u), start_pos, layer_state, attn_impl), x, post, comb)
@@ -188,8 +188,9 @@ def hc_head(
 
 
 class MTPBlock(Block):
-    """The multi-token-prediction layer (`mtp.0.*`). Its weights load so checkpoints with
-    MTP are accepted strictly; plain generation does not run it."""
+    """A multi-token-prediction layer (`mtp.{i}.*`, spec §4): from the main model's last
+    streams at position t and the embedding of token t+1 it predicts token t+2.
+    Plain generation does not run it; it is here for drafting (speculative decoding)."""
 
     def __init__(self, args: ModelArgs, layer_id: int, simulate: bool, parallel: Parallel):
         super().__init__(args, layer_id, simulate, parallel)
@@ -203,6 +204,24 @@ class MTPBlock(Block):
         self.register_buffer("hc_head_fn", torch.zeros(hc, hc * d, dtype=torch.float32))
         self.register_buffer("hc_head_base", torch.zeros(hc, dtype=torch.float32))
         self.register_buffer("hc_head_scale", torch.zeros(1, dtype=torch.float32))
+
+    def predict(
+        self,
+        h: torch.Tensor,
+        next_tokens: torch.Tensor,
+        start_pos: int,
+        state: LayerState,
+        embed: torch.Tensor,
+        head: torch.Tensor,
+    ) -> torch.Tensor:
+        """h [B,T,S,d] (main streams), next_tokens [B,T] (the token after each position)
+        -> fp32 logits [B,T,V]. `embed` and `head` are the main model's (shared)."""
+        a = self.args
+        e = self.enorm(F.embedding(next_tokens, embed).to(h.dtype))
+        x = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(h))
+        x = super().forward(x, next_tokens, start_pos, state)
+        y = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.rms_norm_eps, a.hc_eps)
+        return F.linear(self.norm(y).float(), head.float())
 
 
 class Transformer(nn.Module):
@@ -241,6 +260,23 @@ class Transformer(nn.Module):
         state.max_len = max_len or limit
         return state
 
+    def new_mtp_state(self, batch: int = 1) -> list[LayerState]:
+        """Per MTP layer, the state of its (window-only) attention."""
+        n = self.args.num_hidden_layers
+        device = self.head.weight.device
+        return [LayerState.empty(self.args, n + i, batch, self.dtype, device) for i in range(len(self.mtp))]
+
+    @torch.no_grad()
+    def mtp_logits(
+        self, h: torch.Tensor, next_tokens: torch.Tensor, start_pos: int, mtp_state: list[LayerState], depth: int = 0
+    ) -> torch.Tensor:
+        """Logits of MTP layer `depth` for positions start_pos.. (see `MTPBlock.predict`);
+        `h` comes from `hidden_streams` over the same positions."""
+        if depth >= len(self.mtp):
+            raise ValueError(f"the checkpoint has {len(self.mtp)} MTP layers, not {depth + 1}")
+        block = self.mtp[depth]
+        return block.predict(h, next_tokens, start_pos, mtp_state[depth], self.embed.weight, self.head.weight)
+
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> DSV4State:
         """A state from `DSV4State.export()` output, moved to this model's device."""
         want = str(self.dtype).removeprefix("torch.")
@@ -253,6 +289,7 @@ class Transformer(nn.Module):
         state.max_len = self.args.context_length
         return state
 
+    @torch.no_grad()
     def hidden_streams(
         self, tokens: torch.Tensor, state: DSV4State, start_pos: int, attn_impl: str = "sparse"
     ) -> torch.Tensor:

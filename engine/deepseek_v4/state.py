@@ -85,6 +85,20 @@ class LayerState:
     compressor: CompressorState | None
     indexer: CompressorState | None
 
+    @classmethod
+    def empty(
+        cls, args: ModelArgs, layer_id: int, batch: int, dtype: torch.dtype, device: torch.device | str
+    ) -> "LayerState":
+        kind = args.layer_kind(layer_id)
+        window = torch.zeros(batch, args.sliding_window, args.head_dim, dtype=dtype, device=device)
+        comp = idx = None
+        if kind != WINDOW:
+            ratio = args.compress_ratios[layer_id]
+            comp = CompressorState.empty(batch, ratio, args.head_dim, dtype, device)
+            if kind == CSA:
+                idx = CompressorState.empty(batch, ratio, args.index_head_dim, dtype, device)
+        return cls(window, comp, idx)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"window": self.window}
         for name, st in (("compressor", self.compressor), ("indexer", self.indexer)):
@@ -111,17 +125,7 @@ class DSV4State:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> "DSV4State":
-        layers = []
-        for i in range(args.num_hidden_layers):
-            kind = args.layer_kind(i)
-            window = torch.zeros(batch, args.sliding_window, args.head_dim, dtype=dtype, device=device)
-            comp = idx = None
-            if kind != WINDOW:
-                ratio = args.compress_ratios[i]
-                comp = CompressorState.empty(batch, ratio, args.head_dim, dtype, device)
-                if kind == CSA:
-                    idx = CompressorState.empty(batch, ratio, args.index_head_dim, dtype, device)
-            layers.append(LayerState(window, comp, idx))
+        layers = [LayerState.empty(args, i, batch, dtype, device) for i in range(args.num_hidden_layers)]
         return cls(0, layers)
 
     @property
