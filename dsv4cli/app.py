@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(errors.format_error(exc.format_message()), file=sys.stderr)
         code = exc.exit_code
-    except (KeyboardInterrupt, click_exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("", file=sys.stderr)
         code = errors.EXIT_INTERRUPTED
     except BrokenPipeError:

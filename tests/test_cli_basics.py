@@ -26,3 +26,11 @@ def test_help_does_not_import_torch():
     code = "import sys; from dsv4cli.app import main; main(['--help']); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_library_error_is_one_line_with_hint(capsys, tmp_path):
+    assert main(["pack", str(tmp_path / "missing")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "(" in lines[0]
