@@ -17,7 +17,7 @@ from typing import Protocol
 from ingest.disk_cache import load_json, save_json
 
 _FORMAT_VERSION = 1
-_MAX_ENTRIES = 400_000   # beyond this, keep what this run used plus the newest others
+_MAX_ENTRIES = 200_000   # ~10 MB of JSON; beyond this, keep what this run used plus the newest others
 
 
 class CountingTokenizer(Protocol):
