@@ -67,7 +67,8 @@ class Attention(nn.Module):
 
     def forward(self, h: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
         """h [B, T, E] (normed); rope [T, H + Hkv, D/2] complex (query rows pre-scaled by
-        1/sqrt(D)); caches [B, Hkv, max_len, D], written at start..start+T. Returns [B, T, E]."""
+        1/sqrt(D)); caches: keys [B, Hkv, D, max_len], values [B, Hkv, max_len, D], written
+        at start..start+T. Returns [B, T, E]."""
         B, T, _ = h.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(h)
@@ -75,17 +76,18 @@ class Attention(nn.Module):
         qk = _apply_rope(qk, rope, self.interleaved).to(k_cache.dtype)
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         end = start + T
-        k_cache[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+        k_cache[..., start:end] = qk[:, :, H:].permute(0, 2, 3, 1)
         v_cache[:, :, start:end] = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
-        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        k_t, v = k_cache[..., :end], v_cache[:, :, :end]
         if T == 1:
-            out = _decode_attention(q, k, v)
+            out = _decode_attention(q, k_t, v)
         else:
             mask = None
             if start:
                 # Query i sits at position start + i and may see keys 0..start + i.
                 mask = torch.arange(end).unsqueeze(0) <= (torch.arange(T) + start).unsqueeze(1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not start, scale=1.0, enable_gqa=True)
+            # Contiguous keys keep SDPA on its flash kernel (a strided K falls back to the math path).
+            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2).contiguous(), v, attn_mask=mask, is_causal=not start, scale=1.0, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -100,15 +102,18 @@ def _apply_rope(x: Tensor, rope: Tensor, interleaved: bool) -> Tensor:
     return torch.cat([r[..., 0], r[..., 1]], dim=-1)
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _decode_attention(q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
     """One query per sequence, by hand: SDPA's bf16 path costs ~10x more at T = 1.
-    q [B, H, 1, D] (pre-scaled), k/v [B, Hkv, L, D] -> [B, H, 1, D]."""
+    q [B, H, 1, D] (pre-scaled), k_t [B, Hkv, D, L], v [B, Hkv, L, D] (cache slices)
+    -> [B, H, 1, D]. bmm over [B * Hkv] views: the cache's heads are evenly strided, so
+    nothing is copied (a 4-D matmul copies K and V on every step)."""
     B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, G, L]
+    Hkv, L = v.shape[1], v.shape[2]
+    keys_t = k_t.reshape(B * Hkv, D, L)
+    values = v.reshape(B * Hkv, L, D)
+    scores = torch.bmm(q.reshape(B * Hkv, H // Hkv, D), keys_t)  # [B*Hkv, G, L]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v).view(B, H, 1, D)
+    return torch.bmm(probs, values).view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
@@ -136,13 +141,18 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, args: LlamaArgs, embedding: QuantLinear, blocks: list[Block], norm: RMSNorm, head: QuantLinear):
+    def __init__(self, args: LlamaArgs, embedding: QuantLinear, blocks: list[Block], norm: RMSNorm, head: QuantLinear, head_rows: QuantLinear | None = None):
+        """`head` computes all logits; when it is not fp32, `head_rows` (default: head)
+        supplies exact fp32 rows to recompute the top candidates (see _refine_top). The
+        tied SmolLM2 head is a coarse one-level int8 pass sharing storage with the exact
+        two-level int8 embedding."""
         super().__init__()
         self.args = args
-        self.embedding = embedding  # rows(ids) gives the input vectors; may be the head itself
+        self.embedding = embedding  # rows(ids) gives the input vectors
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
         self.head = head
+        self.head_rows = head_rows if head_rows is not None else head
         table = rope_table(args.head_dim, args.rope_theta, args.context_length)
         self.register_buffer("rope", torch.view_as_complex(table), persistent=False)  # [ctx, D/2]
         head_scale = torch.ones(args.n_heads + args.n_kv_heads)
@@ -188,6 +198,6 @@ class Llama(nn.Module):
         agreement with llama.cpp); the candidates that sampling can pick get exact values."""
         k = min(k, logits.shape[-1])
         idx = logits.topk(k, dim=-1).indices  # [B, T, k]
-        rows = self.head.rows(idx)  # [B, T, k, E] fp32
+        rows = self.head_rows.rows(idx)  # [B, T, k, E] fp32
         exact = torch.matmul(rows, h.unsqueeze(-1)).squeeze(-1)
         return logits.scatter_(-1, idx, exact)

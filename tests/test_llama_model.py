@@ -155,7 +155,7 @@ def test_state_export_restore_continue_equals_uninterrupted(models, mode):
     first = model.new_state()
     model(tokens[:, :20], first)
     tensors, meta = first.export()
-    assert meta["length"] == 20 and tensors["k"].shape[3] == 20
+    assert meta["length"] == 20 and tensors["k"].shape[-1] == 20 and tensors["v"].shape[3] == 20
     assert first.nbytes == tensors["k"].nbytes + tensors["v"].nbytes
     restored = model.new_state()
     restored.restore(tensors, meta)
