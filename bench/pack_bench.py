@@ -239,7 +239,7 @@ def main() -> None:
         run_dsv4(corpus, warm_home, model, out)            # fill the caches
         for _ in range(args.runs):
             # the tokenizer's rank table stays (as after `dsv4 pull`); the pack's own caches go
-            for cache in ("tokens", "history", "conversions"):
+            for cache in ("tokens", "history", "conversions", "packs"):
                 shutil.rmtree(warm_home / "cache" / cache, ignore_errors=True)
             times["dsv4 cold counts"].append(run_dsv4(corpus, warm_home, model, out))
         for _ in range(args.runs * 2):

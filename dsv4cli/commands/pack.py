@@ -102,7 +102,7 @@ def run_pack(*, sources: list[str], output: Path | None, fmt: str, budget: int |
                        output)
         return
 
-    tokenizer = _load_tokenizer(model)
+    tokenizer = _load_tokenizer(model, cache_dir)
     stdin_text = _read_stdin() if "-" in sources else None
     result = ingest.pack(sources, options=options, tokenizer=tokenizer, cache_dir=cache_dir, stdin_text=stdin_text)
     _write_payload(result.text, output)
@@ -126,12 +126,59 @@ def _self_exclusions(output: Path, sources: list[str]) -> list[str]:
     return patterns
 
 
-def _load_tokenizer(model: str):
+def _load_tokenizer(model: str, cache_dir: Path):
+    """The model's tokenizer; lazy when its name and digest are known from an earlier pack.
+
+    An unchanged repository is answered from the pack cache, whose key needs only the digest:
+    loading the tokenizer itself (the rank table, a tiktoken Encoding) would be wasted then.
+    """
     from dsv4cli import render
     from engine import store
+    from engine.errors import EngineError
+    from ingest.disk_cache import load_json, save_json
 
-    with render.transfer_progress() as progress:
-        return store.load_tokenizer(model, fetch=True, progress=progress, note=render.note)
+    def load():
+        with render.transfer_progress() as progress:
+            return store.load_tokenizer(model, fetch=True, progress=progress, note=render.note)
+
+    try:
+        ref = store.resolve_model(model, fetch=False)
+        info = ref.path.stat()
+    except (EngineError, OSError):
+        return load()          # not installed yet: fetching says how, or fails with a hint
+    if ref.format != "gguf":
+        return load()
+    known_file = cache_dir / "tokens" / "models.json"
+    key = f"{ref.path.resolve()}|{info.st_size}|{info.st_mtime_ns}"
+    known = load_json(known_file)
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(key)
+    if isinstance(entry, list) and len(entry) == 2:
+        return _LazyTokenizer(entry[0], entry[1], load)
+    tokenizer = load()
+    known[key] = [tokenizer.name, tokenizer.digest]
+    save_json(known_file, known)
+    return tokenizer
+
+
+class _LazyTokenizer:
+    """Name and digest now; the tokenizer itself at the first count."""
+
+    def __init__(self, name: str, digest: str, load):
+        self.name, self.digest = name, digest
+        self._load = load
+        self._tokenizer = None
+
+    def _real(self):
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        return self._tokenizer
+
+    def count_batch(self, texts):
+        return self._real().count_batch(texts)
+
+    def count(self, text: str) -> int:
+        return self._real().count(text)
 
 
 def _read_stdin() -> str:
