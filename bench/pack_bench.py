@@ -326,6 +326,22 @@ def render_markdown(report: dict) -> str:
             f"| {tool} | {figures['add_early_file'] * 100:.2f}% | {figures['commit_no_change'] * 100:.2f}% |"
         )
     v = report["versions"]
+    targets = []
+    if "repomix" in med:
+        cold, warm = med["repomix"] / med["dsv4 cold"], med["repomix"] / med["dsv4 warm"]
+        targets += [
+            f"- cold pack at least 3x faster than repomix: {cold:.1f}x, {'met' if cold >= 3 else 'NOT met'}",
+            f"- warm re-pack at least 10x faster than repomix: {warm:.1f}x, {'met' if warm >= 10 else 'NOT met'}",
+        ]
+    targets.append(f"- warm re-pack under 1 s for about a million tokens: {med['dsv4 warm']:.2f} s for "
+                   f"{pack['tokens'] / 1e6:.1f}M tokens, {'met' if med['dsv4 warm'] < 1 else 'NOT met'}")
+    ours = report["stability"]["dsv4"]
+    targets += [
+        f"- at least 95% kept after adding a file that sorts first: {ours['add_early_file'] * 100:.2f}%, "
+        f"{'met' if ours['add_early_file'] >= 0.95 else 'NOT met'}",
+        f"- byte-identical after a commit that changes no content: "
+        f"{'met' if ours['commit_no_change'] == 1.0 else 'NOT met'}",
+    ]
     return "\n".join([
         START,
         "## `dsv4 pack` against repomix and files-to-prompt",
@@ -347,6 +363,10 @@ def render_markdown(report: dict) -> str:
         "| tool | add `0000_new.py` (6 bytes) | then `git commit` it |",
         "|---|---|---|",
         *stability_rows,
+        "",
+        "Targets (issue 2):",
+        "",
+        *targets,
         "",
         f"Whole benchmark: {report['bench_seconds']:.0f} s. Raw figures: bench/.work/results.json.",
         END,
