@@ -74,10 +74,12 @@ def _byte_key(path: str) -> bytes:
 def first_appearance(git_root: Path, cache_dir: Path | None = None) -> list[str]:
     """Paths (relative to the work tree root) in the order they were first added on HEAD."""
     import git
+    from git.refs.symbolic import SymbolicReference
 
     repo = git.Repo(git_root)
     try:
-        head = repo.head.commit.hexsha
+        # reads the refs files only; `repo.head.commit` would start a `git cat-file` process
+        head = SymbolicReference.dereference_recursive(repo, "HEAD")
     except ValueError:  # no commit yet: nothing has a history
         return []
     folder = _history_folder(repo, cache_dir)
@@ -131,15 +133,19 @@ def _extend_from_cached_ancestor(repo, head: str, folder: Path | None) -> list[s
 
 def _added_paths(repo, head: str, *, since: str | None, known: list[str]) -> list[str]:
     """`known` followed by the paths first added in (since, head], in first-parent order."""
+    from git.exc import GitCommandError
+
     revision = f"{since}..{head}" if since else head
-    raw = repo.git.execute(
-        [
-            "git", *_GIT_CONFIG, "log", "-z", "--reverse", "--first-parent",
-            "--diff-merges=first-parent", "--diff-filter=A", "--no-renames", "--name-only",
-            f"--format={_COMMIT_FORMAT}", revision, "--",
-        ],
-        stdout_as_string=False,
-    )
+    command = [
+        "git", *_GIT_CONFIG, "log", "-z", "--reverse", "--first-parent", "--diff-merges=first-parent",
+        "--diff-filter=A", "--no-renames", "--name-only", f"--format={_COMMIT_FORMAT}", revision, "--",
+    ]
+    try:
+        raw = repo.git.execute(command, stdout_as_string=False)
+    except GitCommandError:
+        # git before 2.31 spells "merges as their first-parent diff" `-m --first-parent`
+        command[command.index("--diff-merges=first-parent")] = "-m"
+        raw = repo.git.execute(command, stdout_as_string=False)
     seen = set(known)
     paths = list(known)
     for commit_paths in _split_commits(raw.decode("utf-8", "surrogateescape")):
