@@ -166,3 +166,17 @@ def test_submodule_goes_where_its_gitlink_appeared(repo, tmp_path):
     selection = select(repo)
     assert "00_sub" in selection.submodules
     assert pack_order(selection)[-2:] == ["00_sub", "later.py"]
+
+
+def test_recursed_submodule_files_take_the_gitlinks_place(repo, tmp_path):
+    from ingest.types import SelectOptions
+
+    other = tmp_path / "other2"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    commit(other, "o", "b.py", "a.py")
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(other), "00_sub")
+    git(repo, "commit", "-q", "-m", "sub")
+    commit(repo, "later", "later.py")
+    selection = select(repo, SelectOptions(recurse_submodules=True))
+    assert pack_order(selection)[-3:] == ["00_sub/a.py", "00_sub/b.py", "later.py"]
