@@ -12,6 +12,7 @@ import typer
 from dsv4cli import errors
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.commands import config as config_command
+from dsv4cli.commands import logs as logs_command
 from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
 
@@ -48,6 +49,7 @@ pack_command.register(app)
 ask_command.register(app)
 models_command.register(app)
 config_command.register(app)
+logs_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
