@@ -1,0 +1,247 @@
+"""Generation with the persistent prefix cache: the same events as engine.generate.stream.
+
+    fingerprint + chunk hashes -> longest cached prefix -> restore it -> prefill the rest up
+    to the last chunk boundary before the final prompt token, publishing a segment every
+    ~64 MB as it goes -> the shared loop (engine.generate) recomputes the remaining tokens,
+    always including the last one (its logits pick the first answer token) -> stream.
+
+The cache can only make things faster: any problem with it (a damaged file, a full disk,
+an unreadable directory) is a miss or a warning in the report, never an error and never
+state that the prompt did not produce. The report lands in `Done.extra["cache"]`;
+`Done.usage.cached_tokens` counts the tokens restored from disk and `Done.timings.ttft_s`
+runs from this call to the first token (lookup, load and prefill included).
+
+`dsv4 chat` calls `chat()` once per turn with the whole conversation: each turn restores
+what earlier turns published and publishes its own prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.events import Done, Event, PrefillProgress, SamplingParams
+from engine.prefix_cache import Fingerprint, PrefixCache, SegmentError, chain_hashes, file_digest, resolve_cap
+from engine.prefix_state import StateAdapter, adapter_for
+
+SEGMENT_BYTES = 64 << 20  # large sequential files: one read per ~64 MB, not one per page
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    enabled: bool = True
+    read_only: bool = False  # restore, but never write, touch or remove anything
+    cap: str | int | None = None  # bytes or "5G"; None: $DSV4_CACHE_CAP, else the default
+    root: Path | None = None  # default <home>/cache/kv
+    chunk_tokens: int | None = None  # default 256
+    segment_bytes: int = SEGMENT_BYTES
+
+
+@dataclass
+class CacheReport:
+    enabled: bool
+    read_only: bool
+    prompt_tokens: int
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    bytes_loaded: int = 0
+    load_s: float = 0.0
+    segments_loaded: int = 0
+    segments_written: int = 0
+    bytes_written: int = 0
+    write_s: float = 0.0
+    miss_reason: str | None = None  # why fewer tokens than possible were reused (None: all)
+    removed: list[str] = field(default_factory=list)  # damaged files dropped, one line each
+    warnings: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["load_bytes_per_s"] = round(self.bytes_loaded / self.load_s) if self.load_s > 0 and self.bytes_loaded else 0
+        out["load_s"] = round(self.load_s, 4)
+        out["write_s"] = round(self.write_s, 4)
+        return out
+
+
+def supports(loaded: Any) -> bool:
+    """Whether `loaded` is an engine model the cache can serve (not a test double)."""
+    try:
+        adapter_for(getattr(loaded, "model", None))
+    except TypeError:
+        return False
+    return hasattr(loaded, "tokenizer") and hasattr(loaded, "path")
+
+
+def weights_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """A GGUF file's SHA-256, or for a checkpoint directory a hash over its files' digests."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path, memo_dir)
+    digest = hashlib.sha256()
+    for member in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(f"{member.relative_to(path)}\0{file_digest(member, memo_dir)}\n".encode())
+    return digest.hexdigest()
+
+
+def fingerprint_for(loaded: Any, adapter: StateAdapter, memo_dir: Path | None = None) -> Fingerprint:
+    tokenizer = loaded.tokenizer
+    template = getattr(tokenizer, "chat_template", None) or ""
+    fields = {
+        "chunk_tokens": adapter.chunk_tokens,
+        "weights": weights_digest(loaded.path, memo_dir),
+        "tokenizer": getattr(tokenizer, "digest", ""),
+        "chat_template": hashlib.sha256(template.encode()).hexdigest(),
+        "mode": getattr(loaded, "mode", ""),
+        **adapter.layout(),
+    }
+    return Fingerprint(fields, label=str(getattr(loaded, "name", "")))
+
+
+def chat(loaded: Any, messages: Sequence[dict[str, Any]], params: SamplingParams, **kwargs: Any) -> Iterator[Event]:
+    return stream(loaded, loaded.tokenizer.render_chat(list(messages)), params, **kwargs)
+
+
+def stream(
+    loaded: Any,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    settings: CacheSettings = CacheSettings(),
+    prefill_chunk: int = 512,
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[Event]:
+    started = time.perf_counter()
+    prompt_ids = list(prompt_ids)
+    n_prompt = len(prompt_ids)
+    report = CacheReport(settings.enabled, settings.read_only, n_prompt)
+    if not settings.enabled:
+        report.miss_reason = "the cache is off (--no-cache)"
+        report.prefilled_tokens = n_prompt
+        yield from _finish(loaded.stream(prompt_ids, params, prefill_chunk=prefill_chunk, cancel=cancel), report, started, time.perf_counter(), 0.0)
+        return
+    if n_prompt >= loaded.context_length or n_prompt == 0:
+        # The shared loop raises the proper error; nothing to cache.
+        yield from loaded.stream(prompt_ids, params, prefill_chunk=prefill_chunk, cancel=cancel)
+        return
+
+    adapter = adapter_for(loaded.model, settings.chunk_tokens)
+    chunk = adapter.chunk_tokens
+    state = loaded.model.new_state()
+    cache: PrefixCache | None = None
+    hashes: list[str] = []
+    n_chunks = (n_prompt - 1) // chunk  # the last prompt token is always recomputed
+    try:
+        fingerprint = fingerprint_for(loaded, adapter)
+        report.fingerprint = fingerprint.short
+        cache = PrefixCache(fingerprint, root=settings.root, cap_bytes=resolve_cap(settings.cap, settings.root), read_only=settings.read_only)
+        hashes = chain_hashes(fingerprint, prompt_ids, n_chunks)
+    except (OSError, ValueError) as exc:
+        report.warnings.append(f"prefix cache unavailable ({_one_line(exc)}); answering uncached")
+        report.miss_reason = "the cache is unavailable"
+    if cache is not None:
+        if n_chunks == 0:
+            report.miss_reason = f"the prompt is shorter than one cache chunk ({chunk} tokens)"
+        else:
+            _restore(cache, adapter, state, prompt_ids, hashes, report)
+    restored = state.length
+    report.reused_tokens = restored
+    yield PrefillProgress(done=restored, total=n_prompt)
+
+    # ---- prefill up to the last chunk boundary, publishing segments on the way
+    writable = cache is not None and not settings.read_only and n_chunks > 0
+    target = n_chunks * chunk
+    per_token = max(1.0, adapter.bytes_per_token())
+    segment_tokens = max(chunk, int(settings.segment_bytes / per_token) // chunk * chunk)
+    step = max(chunk, min(prefill_chunk, segment_tokens) // chunk * chunk)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    prefill_started = time.perf_counter()
+    position = segment_start = restored
+    while position < target:
+        if cancel is not None and cancel():
+            break  # the shared loop sees the same cancel and reports it
+        high = min(target, position + step)
+        loaded.model(ids[:, position:high], state, output="none")
+        position = high
+        if writable and (position - segment_start >= segment_tokens or position == target):
+            writable = _publish(cache, adapter, state, segment_start, position, prompt_ids, hashes, report)
+            segment_start = position
+        yield PrefillProgress(done=position, total=n_prompt)
+    own_prefill_s = time.perf_counter() - prefill_started
+    report.prefilled_tokens = n_prompt - restored
+    tail = loaded.stream(prompt_ids, params, state=state, cached_tokens=state.length, prefill_chunk=prefill_chunk, cancel=cancel)
+    yield from _finish(tail, report, started, time.perf_counter(), own_prefill_s)
+
+
+def _restore(cache: PrefixCache, adapter: StateAdapter, state: Any, prompt_ids: list[int], hashes: list[str], report: CacheReport) -> None:
+    load_started = time.perf_counter()
+    try:
+        with cache.reading():
+            match = cache.match(hashes, partial_ok=adapter.partial_ok)
+            report.removed += match.removed
+            report.miss_reason = match.reason
+            for header, used_chunks in match.segments:
+                used = used_chunks * cache.chunk_tokens
+                try:
+                    segment = cache.load(header, prompt_ids, used)
+                    adapter.import_range(state, header.start, used, segment)
+                except SegmentError as exc:
+                    cache.discard(header.path, str(exc), report.removed)
+                    report.miss_reason = f"a cached segment at token {header.start:,} is unusable: {exc}"
+                    break
+                report.bytes_loaded += header.file_bytes
+                report.segments_loaded += 1
+                cache.touch(header)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A broken cache directory is a miss; the state is rebuilt from the prompt.
+        state.reset()
+        report.bytes_loaded = report.segments_loaded = 0
+        report.warnings.append(f"prefix cache could not be read ({_one_line(exc)}); answering uncached")
+        report.miss_reason = "the cache could not be read"
+    report.load_s = time.perf_counter() - load_started
+
+
+def _publish(cache: PrefixCache, adapter: StateAdapter, state: Any, start: int, end: int, prompt_ids: list[int], hashes: list[str], report: CacheReport) -> bool:
+    """Write tokens [start, end) as one segment; False stops further writes for this run."""
+    chunk = cache.chunk_tokens
+    write_started = time.perf_counter()
+    try:
+        tensors, meta = adapter.export_range(state, start, end)
+        report.bytes_written += cache.write_segment(start, hashes[start // chunk : end // chunk + 1], prompt_ids[start:end], tensors, meta)
+        report.segments_written += 1
+        return True
+    except (OSError, ValueError) as exc:
+        report.warnings.append(f"prefix cache: could not write a segment ({_one_line(exc)}); this answer is not cached")
+        return False
+    finally:
+        report.write_s += time.perf_counter() - write_started
+
+
+def _finish(events: Iterator[Event], report: CacheReport, started: float, tail_started: float, own_prefill_s: float) -> Iterator[Event]:
+    """Pass the shared loop's events through; make Done's usage and timings cover the
+    whole call and attach the cache report."""
+    for event in events:
+        if isinstance(event, Done):
+            t = event.timings
+            prefill_s = own_prefill_s + t.prefill_s
+            computed = report.prompt_tokens - report.reused_tokens
+            timings = dataclasses.replace(
+                t,
+                ttft_s=(tail_started - started) + t.ttft_s,
+                prefill_s=prefill_s,
+                prefill_tok_s=computed / prefill_s if prefill_s > 0 else 0.0,
+            )
+            usage = dataclasses.replace(event.usage, cached_tokens=report.reused_tokens)
+            event = dataclasses.replace(event, usage=usage, timings=timings, extra={**event.extra, "cache": report.to_dict()})
+        yield event
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
