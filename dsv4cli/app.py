@@ -11,6 +11,7 @@ import typer
 
 from dsv4cli import errors
 from dsv4cli.commands import ask as ask_command
+from dsv4cli.commands import cache as cache_command
 from dsv4cli.commands import config as config_command
 from dsv4cli.commands import logs as logs_command
 from dsv4cli.commands import models as models_command
@@ -48,6 +49,7 @@ def _root(
 pack_command.register(app)
 ask_command.register(app)
 models_command.register(app)
+cache_command.register(app)
 config_command.register(app)
 logs_command.register(app)
 

@@ -297,6 +297,8 @@ def json_answer(answer: str, model: str, done: Done | None) -> str:
         },
         "finish_reason": done.finish_reason if done is not None else "cancelled",
     }
+    if done is not None and "cache" in done.extra:
+        payload["cache"] = done.extra["cache"]
     return json.dumps(payload, ensure_ascii=False)
 
 
@@ -317,6 +319,33 @@ def print_stats(done: Done, *, model: str, load_s: float | None, console: Consol
         markup=False,
         highlight=False,
     )
+    cache = done.extra.get("cache")
+    if cache:
+        for line in cache_lines(cache, ttft_s=timings.ttft_s):
+            console.print(line, markup=False, highlight=False)
+
+
+def cache_lines(cache: dict[str, Any], *, ttft_s: float | None = None) -> list[str]:
+    """The prefix cache report: what was reused and how fast, what was prefilled, why not more."""
+    total = cache.get("prompt_tokens", 0)
+    reused = cache.get("reused_tokens", 0)
+    share = f" ({100 * reused / total:.1f}%)" if total else ""
+    line = f"cache: {reused:,}/{total:,} tokens reused{share}"
+    if cache.get("bytes_loaded"):
+        rate = cache.get("load_bytes_per_s") or 0
+        line += f" · {human_bytes(cache['bytes_loaded'])} in {cache.get('load_s', 0):.2f} s ({human_bytes(rate)}/s)"
+    line += f" · prefilled {cache.get('prefilled_tokens', 0):,} tok"
+    if ttft_s is not None:
+        line += f" · first token {ttft_s:.2f} s"
+    if cache.get("segments_written"):
+        line += f" · wrote {cache['segments_written']} segment(s), {human_bytes(cache.get('bytes_written', 0))}"
+    if cache.get("read_only"):
+        line += " · read-only"
+    lines = [line]
+    if cache.get("miss_reason"):
+        lines.append(f"cache miss: {cache['miss_reason']}")
+    lines += [f"cache: dropped {entry}" for entry in cache.get("removed", [])]
+    return lines
 
 
 def note(message: str, console: Console | None = None) -> None:
@@ -346,6 +375,7 @@ def models_lines(rows: Sequence[dict[str, Any]]) -> str:
 __all__ = [
     "AnswerView",
     "StatusLine",
+    "cache_lines",
     "human_bytes",
     "json_answer",
     "models_lines",

@@ -62,6 +62,9 @@ class AskOptions:
     pack_format: str = "xml"
     json_output: bool = False
     verbose: bool = False
+    cache: bool = True
+    cache_read_only: bool = False
+    cache_cap: str | None = None
 
 
 def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
@@ -102,7 +105,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
         pack_format: str = typer.Option("xml", "--format", help="Pack layout: xml, markdown or plain."),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, usage, timings)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Usage and timings on stderr."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Usage, timings and the prefix cache report on stderr."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
+        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
+        cache_cap: str = typer.Option(
+            None, "--cache-cap", metavar="SIZE", help="Prefix cache size cap, e.g. 5G (default $DSV4_CACHE_CAP, else min(20 GB, 10% of the disk))."
+        ),
     ) -> None:
         """Ask a model a question, about files or piped text when given.
 
@@ -121,6 +129,9 @@ def register(app: typer.Typer) -> None:
             pack_format=pack_format,
             json_output=json_output,
             verbose=verbose,
+            cache=not no_cache,
+            cache_read_only=cache_ro,
+            cache_cap=cache_cap,
         )
         run_ask(list(arguments or []), options)
 
@@ -128,6 +139,13 @@ def register(app: typer.Typer) -> None:
 def run_ask(arguments: list[str], options: AskOptions) -> None:
     if options.pack_format not in PACK_FORMATS:
         raise _usage_error(f"--format must be one of {', '.join(PACK_FORMATS)}, not {options.pack_format!r}")
+    if options.cache_cap is not None:
+        from engine.prefix_cache import parse_size
+
+        try:
+            parse_size(options.cache_cap)
+        except ValueError as exc:
+            raise _usage_error(f"--cache-cap: {exc}") from None
     inputs = resolve_ask_arguments(arguments)
     started = time.monotonic()
     name, model = _open_model(options.model)
@@ -145,17 +163,30 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
     mode: render.AnswerMode = "json" if options.json_output else ("markdown" if stdout_is_terminal() else "plain")
     view = render.AnswerView(mode, name)
     with view:
-        events = model.chat(messages, params)
+        events = _answer_events(model, messages, params, options)
         with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
             for event in events:
                 view.handle(event)
 
     if options.json_output:
         print(render.json_answer(view.text, name, view.done), flush=True)
+    cache_report = view.done.extra.get("cache") if view.done is not None else None
+    for warning in (cache_report or {}).get("warnings", []):
+        warn(warning)
     if view.done is not None and view.done.finish_reason == "length":
         render.note(f"the answer stopped at --max-tokens {options.max_tokens}")
     if options.verbose and view.done is not None:
         render.print_stats(view.done, model=name, load_s=load_s)
+
+
+def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions) -> Iterator[Event]:
+    """Engine models answer through the prefix cache; a stand-in model answers by itself."""
+    from engine import cached_generation  # imports torch, which loading the model already did
+
+    if not cached_generation.supports(model):
+        return model.chat(messages, params)
+    settings = cached_generation.CacheSettings(enabled=options.cache, read_only=options.cache_read_only, cap=options.cache_cap)
+    return cached_generation.chat(model, messages, params, settings=settings)
 
 
 def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
