@@ -211,7 +211,7 @@ def median(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per tool (warm dsv4 runs twice as many)")
+    parser.add_argument("--runs", type=int, default=5, help="rounds; each runs every tool once (dsv4 warm twice)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -232,25 +232,29 @@ def main() -> None:
 
         warm_home = scratch_root / "home-warm"
         summary = scratch_root / "summary.json"
+        # Rounds interleave the tools, so a neighbour's load on the machine hits all of them alike.
+        load_before = os.getloadavg()
+        dsv4_out = scratch_root / "dsv4-out"
+        run_dsv4(corpus, warm_home, model, dsv4_out, summary)      # fill the warm home's caches
         for run in range(args.runs):
             home = scratch_root / f"home-cold-{run}"
-            times["dsv4 cold"].append(run_dsv4(corpus, home, model, out, summary))
+            times["dsv4 cold"].append(run_dsv4(corpus, home, model, out))
             shutil.rmtree(home)
-        run_dsv4(corpus, warm_home, model, out)            # fill the caches
-        for _ in range(args.runs):
-            # the tokenizer's rank table stays (as after `dsv4 pull`); the pack's own caches go
+            counts_home = scratch_root / "home-counts"
+            if run == 0:
+                run_dsv4(corpus, counts_home, model, out)         # the tokenizer's rank table, as after a pull
+            # the pack's own caches go; the tokenizer's rank table stays
             for cache in ("tokens", "history", "conversions", "packs"):
-                shutil.rmtree(warm_home / "cache" / cache, ignore_errors=True)
-            times["dsv4 cold counts"].append(run_dsv4(corpus, warm_home, model, out))
-        for _ in range(args.runs * 2):
-            times["dsv4 warm"].append(run_dsv4(corpus, warm_home, model, out))
-        ours = json.loads(summary.read_text())
-        dsv4_bytes = out.stat().st_size
-        if has_repomix:
-            for _ in range(args.runs):
+                shutil.rmtree(counts_home / "cache" / cache, ignore_errors=True)
+            times["dsv4 cold counts"].append(run_dsv4(corpus, counts_home, model, out))
+            for _ in range(2):
+                times["dsv4 warm"].append(run_dsv4(corpus, warm_home, model, dsv4_out))
+            if has_repomix:
                 times["repomix"].append(run_repomix(corpus, out))
-        for _ in range(args.runs):
             times["files-to-prompt"].append(run_files_to_prompt(corpus, out))
+        load_after = os.getloadavg()
+        ours = json.loads(summary.read_text())
+        dsv4_bytes = dsv4_out.stat().st_size
 
         scratch = scratch_root / "stability" / "repo"
         shutil.copytree(corpus, scratch, symlinks=True)
@@ -277,6 +281,7 @@ def main() -> None:
         "medians_s": medians,
         "stability": results_stability,
         "bench_seconds": time.perf_counter() - total_started,
+        "load_average": {"before": load_before, "after": load_after},
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
     section = render_markdown(report)
@@ -368,7 +373,10 @@ def render_markdown(report: dict) -> str:
         "",
         *targets,
         "",
-        f"Whole benchmark: {report['bench_seconds']:.0f} s. Raw figures: bench/.work/results.json.",
+        f"Whole benchmark: {report['bench_seconds']:.0f} s; load average (1 min) "
+        f"{report['load_average']['before'][0]:.1f} before the timed rounds, "
+        f"{report['load_average']['after'][0]:.1f} after (other work shared the machine). "
+        "Raw figures: bench/.work/results.json.",
         END,
     ])
 
