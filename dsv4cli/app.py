@@ -16,6 +16,7 @@ from dsv4cli.commands import config as config_command
 from dsv4cli.commands import logs as logs_command
 from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
+from dsv4cli.commands import review as review_command
 
 app = typer.Typer(
     name="dsv4",
@@ -52,6 +53,7 @@ models_command.register(app)
 cache_command.register(app)
 config_command.register(app)
 logs_command.register(app)
+review_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

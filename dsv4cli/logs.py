@@ -214,13 +214,14 @@ class LogStore:
 
     # ---- writing
 
-    def start_conversation(self, model: str, command: str = "ask") -> str:
+    def start_conversation(self, model: str, command: str = "ask", title: str = "") -> str:
+        """A new conversation; its title is the first question unless given."""
         conversation_id = new_ulid()
         try:
             with self._transaction():
                 self._db.execute(
-                    "INSERT INTO conversations (id, created_at, model, command) VALUES (?, ?, ?, ?)",
-                    (conversation_id, _utc_now(), model, command),
+                    "INSERT INTO conversations (id, created_at, model, command, title) VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, _utc_now(), model, command, _title(title)),
                 )
         except sqlite3.DatabaseError as exc:
             raise _error(self.path, exc) from None
@@ -251,9 +252,10 @@ class LogStore:
             raise _error(self.path, exc) from None
         return message_id
 
-    def log(self, exchange: Exchange, *, conversation_id: str | None = None, command: str = "ask") -> str:
+    def log(self, exchange: Exchange, *, conversation_id: str | None = None, command: str = "ask",
+            title: str = "") -> str:
         """Append to `conversation_id`, or to a new conversation; returns the conversation id."""
-        conversation_id = conversation_id or self.start_conversation(exchange.model, command)
+        conversation_id = conversation_id or self.start_conversation(exchange.model, command, title)
         self.append(conversation_id, exchange)
         return conversation_id
 

@@ -1,0 +1,288 @@
+"""`dsv4 review`: which diff, the prompt's order (pack first, diff and instructions last),
+parsing a messy answer without inventing findings, the report, --fail-on, --timeout,
+--json, logging and errors. A scripted model (tests/fake_engine.py) stands in for the engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsv4cli import logs
+from dsv4cli.app import main
+from dsv4cli.commands import ask as ask_command
+from dsv4cli.commands import review
+from engine.events import Event, SamplingParams
+from tests.fake_engine import FakeModel, tiny_tokenizer
+
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, env={**os.environ, **_GIT_ENV}, check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "repo"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    (root / "README.md").write_text("# Calc\n")
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a - b\n\n\ndef div(a, b):\n    return a / b\n")
+    git(root, "add", "src/calc.py")
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    for name in ("DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT", "DSV4_NO_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+@pytest.fixture
+def fake(monkeypatch, tokenizer):
+    model = FakeModel(tokenizer, answer=["no findings"])
+
+    def open_model(name: str):
+        model.name = name
+        return name, model
+
+    monkeypatch.setattr(ask_command, "_open_model", open_model)
+    return model
+
+
+MESSY_ANSWER = """Here is my review of the diff:
+
+src/calc.py:2: error: add subtracts instead of adding
+- `src/calc.py:6`: **warning**: division by zero when b is 0
+1. src/calc.py:6:12: warning - division by zero when b is 0
+src/calc.py:2: error: add subtracts instead of adding
+path/to/file.ext:12: error: what is wrong and why
+src/imaginary.py:3: error: this file does not exist
+src/calc.py:0: error: line zero is not a line
+src/calc.py:4: catastrophe: unknown severity word
+README.md:1: info: mention div in the README
+b/src/calc.py:5: nit: name the arguments
+../outside.txt:1: error: outside the repository
+The code looks fine otherwise. Overall: 2 problems.
+"""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_parse_keeps_what_parses_and_invents_nothing(repo):
+    known = review.path_resolver(repo, ("src/calc.py",))
+    (repo.parent / "outside.txt").write_text("x\n")
+    findings = review.parse_findings(MESSY_ANSWER, known_paths=known)
+    assert findings == [
+        review.Finding("src/calc.py", 2, "error", "add subtracts instead of adding"),
+        review.Finding("src/calc.py", 6, "warning", "division by zero when b is 0"),
+        review.Finding("README.md", 1, "info", "mention div in the README"),
+        review.Finding("src/calc.py", 5, "info", "name the arguments"),
+    ]
+
+
+@pytest.mark.parametrize("answer", ["", "no findings", "Looks good to me!", "src/calc.py is fine.",
+                                    "```\nsrc/calc.py\n```", "error: something somewhere"])
+def test_answers_without_findings(repo, answer):
+    assert review.parse_findings(answer, known_paths=review.path_resolver(repo, ("src/calc.py",))) == []
+
+
+def test_diff_files_in_order():
+    diff = ("diff --git a/b.py b/b.py\n--- a/b.py\n+++ b/b.py\n@@ -1 +1 @@\n-x\n+y\n"
+            "diff --git a/old.py b/new.py\nsimilarity index 90%\nrename from old.py\nrename to new.py\n"
+            "diff --git a/gone.py b/gone.py\ndeleted file mode 100644\n--- a/gone.py\n+++ /dev/null\n")
+    assert review.diff_files(diff) == ("b.py", "new.py", "gone.py")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_staged_review_prompt_order_and_report(repo, fake, capsys):
+    fake.answer = [MESSY_ANSWER]
+    assert main(["review", "--staged"]) == 0
+    (call,) = fake.calls
+    user = call.user_text
+    assert call.system_text == review.REVIEW_SYSTEM
+    # The pack of the repository first, then the diff, then the instructions last.
+    pack_at, diff_at, rules_at = user.index('<file path="README.md">'), user.index("+    return a - b"), \
+        user.index(review.REVIEW_INSTRUCTIONS)
+    assert pack_at < diff_at < rules_at and user.endswith(review.REVIEW_INSTRUCTIONS)
+    assert call.params.temperature == 0.0
+    out = capsys.readouterr().out
+    assert out == (
+        "dsv4 review · staged changes · 1 file changed · model mini\n"
+        "src/calc.py\n"
+        "  2  error    add subtracts instead of adding\n"
+        "  5  info     name the arguments\n"
+        "  6  warning  division by zero when b is 0\n"
+        "README.md\n"
+        "  1  info     mention div in the README\n"
+        "4 findings in 2 files: 1 error, 1 warning, 2 infos\n"
+    )
+
+
+def test_default_is_all_uncommitted_changes_and_range(repo, fake, capsys):
+    (repo / "README.md").write_text("# Calc\n\nUnstaged line.\n")
+    assert main(["review"]) == 0
+    assert "+Unstaged line." in fake.calls[-1].user_text and "+    return a - b" in fake.calls[-1].user_text
+    assert "uncommitted changes · 2 files changed" in capsys.readouterr().out
+    git(repo, "commit", "-q", "-m", "second")
+    assert main(["review", "--range", "HEAD~1..HEAD"]) == 0
+    user = fake.calls[-1].user_text
+    assert "+    return a - b" in user and "Unstaged line." not in user.split("```diff")[1]
+    assert "HEAD~1..HEAD" in capsys.readouterr().out
+
+
+def test_fail_on_threshold(repo, fake, capsys):
+    fake.answer = ["src/calc.py:6: warning: division by zero\n"]
+    assert main(["review", "--staged", "--fail-on", "error"]) == 0
+    assert main(["review", "--staged", "--fail-on", "warning"]) == 1
+    assert "1 finding(s) at or above warning" in capsys.readouterr().err
+    assert main(["review", "--staged", "--fail-on", "info"]) == 1
+    fake.answer = ["no findings"]
+    assert main(["review", "--staged", "--fail-on", "info"]) == 0
+    assert main(["review", "--staged", "--fail-on", "fatal"]) == 2
+
+
+def test_fail_on_from_settings(repo, fake, monkeypatch):
+    fake.answer = ["src/calc.py:2: error: wrong operator\n"]
+    monkeypatch.setenv("DSV4_REVIEW_FAIL_ON", "error")
+    assert main(["review", "--staged"]) == 1
+    (repo / ".dsv4.toml").write_text('[review]\nfail_on = "error"\n')
+    monkeypatch.delenv("DSV4_REVIEW_FAIL_ON")
+    assert main(["review", "--staged"]) == 1
+    assert main(["review", "--staged", "--fail-on", "info"]) == 1
+
+
+def test_json_report(repo, fake, capsys):
+    fake.answer = ["src/calc.py:2: error: wrong operator\n", "src/calc.py:6: warning: b may be 0\n"]
+    assert main(["review", "--staged", "--json", "--fail-on", "error"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["findings"] == [
+        {"path": "src/calc.py", "line": 2, "severity": "error", "message": "wrong operator"},
+        {"path": "src/calc.py", "line": 6, "severity": "warning", "message": "b may be 0"},
+    ]
+    assert report["failed"] is True and report["files"] == ["src/calc.py"] and report["scope"] == "staged changes"
+    assert report["usage"]["prompt_tokens"] == len(fake.calls[-1].prompt_ids)
+
+
+def test_nothing_to_review(repo, fake, capsys):
+    git(repo, "commit", "-q", "-m", "staged")
+    assert main(["review", "--staged"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "nothing to review: no staged changes" in captured.err
+    assert fake.calls == []
+
+
+def test_errors_are_one_line(repo, fake, tmp_path, monkeypatch, capsys):
+    assert main(["review", "--staged", "--range", "a..b"]) == 2
+    assert capsys.readouterr().err.startswith("Error: --staged and --range cannot be used together")
+    assert main(["review", "--range", "nosuch..HEAD"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: git diff failed")
+    assert main(["review", "--range", "HEAD"]) == 2
+    assert "is not A..B" in capsys.readouterr().err
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    assert main(["review"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"Error: not a git repository: {outside} (run dsv4 review inside a git repository)"]
+    assert fake.calls == []
+
+
+def test_a_diff_too_long_for_the_model(repo, fake, capsys):
+    fake.context_length = 300
+    (repo / "big.py").write_text("".join(f"value_{n} = {n} * {n}\n" for n in range(300)))
+    git(repo, "add", "big.py")
+    assert main(["review", "--staged"]) == 1
+    assert "the diff is too long to review" in capsys.readouterr().err
+
+
+def test_repository_that_does_not_fit_falls_back_to_the_diff(repo, fake, capsys):
+    (repo / "src" / "big.py").write_text("".join(f"def f{n}(x):\n    return x + {n}\n\n" for n in range(400)))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "big")
+    (repo / "src" / "calc.py").write_text("def add(a, b):\n    return b + a\n")
+    git(repo, "add", "src/calc.py")
+    fake.context_length = 1200
+    assert main(["review", "--staged", "--max-tokens", "64"]) == 0
+    user = fake.calls[-1].user_text
+    assert len(fake.calls[-1].prompt_ids) + 64 <= 1200 and "+    return b + a" in user
+
+
+class SlowModel(FakeModel):
+    """Deltas every `delay` seconds; honours `cancel` only when `obeys_cancel`."""
+
+    delay: float = 0.05
+    obeys_cancel: bool = True
+    cancel_given: bool = False
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams, **kwargs: Any) -> Iterator[Event]:
+        cancel = kwargs.get("cancel")
+        self.cancel_given = cancel is not None
+        inner = super().chat(messages, params)
+
+        def slowed() -> Iterator[Event]:
+            for event in inner:
+                if self.obeys_cancel and cancel is not None and cancel():
+                    return  # a real engine would end with Done("cancelled"); ending early is harsher
+                time.sleep(self.delay if type(event).__name__ == "TextDelta" else 0)
+                yield event
+
+        return slowed()
+
+
+@pytest.mark.parametrize("obeys_cancel", [True, False])
+def test_timeout_stops_the_model_and_keeps_complete_findings(repo, tokenizer, monkeypatch, capsys, obeys_cancel):
+    pieces = ["src/calc.py:2: error: wrong operator\n", "src/calc.py:6: warning: div"] + [" more"] * 200
+    model = SlowModel(tokenizer, answer=pieces)
+    model.obeys_cancel = obeys_cancel
+    monkeypatch.setattr(ask_command, "_open_model", lambda name: (name, model))
+    started = time.monotonic()
+    assert main(["review", "--staged", "--timeout", "0.6", "--max-tokens", "500", "--fail-on", "error"]) == 1
+    assert time.monotonic() - started < 5  # 200 slow pieces would take 10 s
+    assert model.cancel_given
+    captured = capsys.readouterr()
+    assert "2  error    wrong operator" in captured.out and "div" not in captured.out  # the cut line is dropped
+    assert "stopped at the --timeout of 0.6 s" in captured.err
+
+
+def test_reviews_are_logged_unless_no_log(repo, fake):
+    fake.answer = ["src/calc.py:2: error: wrong operator\n"]
+    assert main(["review", "--staged"]) == 0
+    with logs.LogStore() as store:
+        (summary,) = store.list_conversations()
+        assert summary.command == "review" and summary.title == "review of staged changes: src/calc.py"
+        (exchange,) = store.get_conversation(summary.id).exchanges
+        assert exchange.answer == "src/calc.py:2: error: wrong operator\n"
+        assert '<file path="README.md">' in store.blob(exchange.context_sha256)
+        assert exchange.question.endswith(review.REVIEW_INSTRUCTIONS)
+    assert main(["review", "--staged", "--no-log"]) == 0
+    with logs.LogStore() as store:
+        assert len(store.list_conversations()) == 1
