@@ -509,11 +509,10 @@ class PrefixCache:
                 else:
                     result.reason = f"the prompt differs from every cached prefix after {tokens:,} tokens"
                 return result
+            # After a segment used only in part, another run may have published the
+            # prompt's own continuation from that point on: keep looking there.
             result.segments.append(best)
             position += best[1]
-            if best[1] < len(best[0].chunk_hashes):
-                result.reason = f"the prompt differs from the cached prefix after {position * self.chunk_tokens:,} tokens"
-                return result
         return result
 
     def _absent_reason(self) -> str:
