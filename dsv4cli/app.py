@@ -13,6 +13,7 @@ from dsv4cli import errors
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.commands import cache as cache_command
 from dsv4cli.commands import config as config_command
+from dsv4cli.commands import hook as hook_command
 from dsv4cli.commands import logs as logs_command
 from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
@@ -54,6 +55,7 @@ cache_command.register(app)
 config_command.register(app)
 logs_command.register(app)
 review_command.register(app)
+hook_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
