@@ -143,15 +143,20 @@ def run_worker(args: list[str]) -> dict:
 def cmd_speed(opts: argparse.Namespace) -> None:
     gguf = find_gguf(opts.gguf)
     common = [str(gguf), str(opts.threads)]
-    rows: dict[str, dict] = {}
     engines = [("ours", ["ours", opts.mode]), ("llama.cpp", ["llamacpp", "-"])]
+    # Interleaved, so that both engines see the same background load on a shared machine.
+    runs: dict[str, list[dict]] = {label: [] for label, _ in engines}
+    for _ in range(opts.repeats):
+        for label, spec in engines:
+            runs[label].append(run_worker([*spec, *common, "speed"]))
+            print(f"{label}: {json.dumps(runs[label][-1])}", file=sys.stderr, flush=True)
+    rows: dict[str, dict] = {}
     for label, spec in engines:
-        runs = [run_worker([*spec, *common, "speed"]) for _ in range(opts.repeats)]
-        row = {k: statistics.median(r[k] for r in runs) for k in ("prefill_512", "prefill_4096", "decode")}
-        row.update(runs_raw=runs, **{k: v for k, v in runs[0].items() if k == "mode"})
+        row = {k: statistics.median(r[k] for r in runs[label]) for k in ("prefill_512", "prefill_4096", "decode")}
+        row.update(runs_raw=runs[label], mode=runs[label][0].get("mode"))
         row.update(run_worker([*spec, *common, "rss"]))
         rows[label] = row
-        print(f"{label}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"{label} rss: {row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     ours, ref = rows["ours"], rows["llama.cpp"]
     print(f"\nmini engine mode {ours.get('mode')}, {opts.threads} threads, medians of {opts.repeats} (fresh process each):\n")
     print("| measure | mini engine | llama.cpp | ratio |")

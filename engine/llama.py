@@ -73,21 +73,25 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(h)
         qk = qkv[..., : (H + Hkv) * D].float().view(B, T, H + Hkv, D)
-        qk = _apply_rope(qk, rope, self.interleaved).to(k_cache.dtype)
-        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        qk = _apply_rope(qk, rope, self.interleaved)
+        qk_cached = qk.to(k_cache.dtype)
         end = start + T
-        k_cache[..., start:end] = qk[:, :, H:].permute(0, 2, 3, 1)
+        k_cache[..., start:end] = qk_cached[:, :, H:].permute(0, 2, 3, 1)
         v_cache[:, :, start:end] = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
-        k_t, v = k_cache[..., :end], v_cache[:, :, :end]
         if T == 1:
-            out = _decode_attention(q, k_t, v)
+            out = _decode_attention(qk_cached[:, :, :H].transpose(1, 2), k_cache[..., :end], v_cache[:, :, :end])
         else:
-            mask = None
-            if start:
-                # Query i sits at position start + i and may see keys 0..start + i.
+            # Inputs rounded as the cache holds them, so prefill and decode see the same q, k, v.
+            q = qk_cached[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+            k = k_cache[..., :end].transpose(-1, -2).contiguous()  # the flash kernel wants unit-stride rows
+            v = v_cache[:, :, :end]
+            if not start:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
+            else:
+                # A chunk after cached tokens: query i sits at position start + i and sees keys
+                # 0..start + i. SDPA's bf16 kernel is 2x slower with a mask than fp32 is.
                 mask = torch.arange(end).unsqueeze(0) <= (torch.arange(T) + start).unsqueeze(1)
-            # Contiguous keys keep SDPA on its flash kernel (a strided K falls back to the math path).
-            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2).contiguous(), v, attn_mask=mask, is_causal=not start, scale=1.0, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=1.0, enable_gqa=True).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
 
 
