@@ -422,10 +422,18 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _pause_for_tests(written: int) -> None:
+_written_by_process = 0
+
+
+def _pause_for_tests(handle: Any, n: int) -> None:
+    """Counts the bytes this process wrote into segment files; past $DSV4_CACHE_TEST_PAUSE_AT
+    it flushes the temp file and sleeps, to be killed in the middle of a write."""
+    global _written_by_process
+    _written_by_process += n
     limit = os.environ.get(_PAUSE_ENV)
-    if limit and written >= int(limit):
-        print(f"dsv4-cache-test: paused after {written} bytes", file=sys.stderr, flush=True)
+    if limit and _written_by_process >= int(limit):
+        handle.flush()
+        print(f"dsv4-cache-test: paused after {_written_by_process} bytes", file=sys.stderr, flush=True)
         time.sleep(3600)
 
 
@@ -587,7 +595,6 @@ class PrefixCache:
             self._evict_locked(incoming=total)
         try:
             digest = hashlib.sha256()
-            written = 0
             with temp.open("wb") as handle:
                 token_bytes = _u32_bytes(tokens)
                 pieces: list[bytes | memoryview] = [header, token_bytes, b"\0" * (payload_offset - tokens_offset - len(token_bytes))]
@@ -598,8 +605,7 @@ class PrefixCache:
                         part = piece[lo : lo + (8 << 20)]
                         digest.update(part)
                         _write_chunk(handle, part)
-                        written += len(part)
-                        _pause_for_tests(written)
+                        _pause_for_tests(handle, len(part))
                 _write_chunk(handle, digest.digest())
                 handle.flush()
                 os.fsync(handle.fileno())
