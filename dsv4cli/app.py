@@ -12,6 +12,7 @@ import typer
 from dsv4cli import errors
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.commands import cache as cache_command
+from dsv4cli.commands import completion as completion_command
 from dsv4cli.commands import config as config_command
 from dsv4cli.commands import hook as hook_command
 from dsv4cli.commands import logs as logs_command
@@ -56,6 +57,7 @@ config_command.register(app)
 logs_command.register(app)
 review_command.register(app)
 hook_command.register(app)
+completion_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
