@@ -286,3 +286,21 @@ def test_reviews_are_logged_unless_no_log(repo, fake):
     assert main(["review", "--staged", "--no-log"]) == 0
     with logs.LogStore() as store:
         assert len(store.list_conversations()) == 1
+
+
+@pytest.mark.slow
+def test_end_to_end_a_second_review_reuses_the_cached_repository(repo, tmp_path, capsys):
+    """The real engine on a tiny GGUF, through the prefix cache: reviewing again (a hook run
+    again, or with another --fail-on) restores the stored prefix (in whole cache chunks)."""
+    from tests.tinymodels import write_tiny_llama_gguf
+
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", ctx=4096)
+    args = ["review", "--staged", "--json", "-m", str(model), "--max-tokens", "4"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args + ["--fail-on", "error"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert first["usage"]["cached_tokens"] == 0 and first["cache"]["bytes_written"] > 0
+    assert second["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+    assert second["usage"]["cached_tokens"] > first["usage"]["prompt_tokens"] / 2
+    assert second["files"] == ["src/calc.py"]

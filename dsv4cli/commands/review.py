@@ -199,6 +199,8 @@ class ReviewOptions:
     max_tokens: int = 512
     json_output: bool = False
     log: bool = True
+    cache: bool = True
+    cache_read_only: bool = False
 
 
 def register(app: typer.Typer) -> None:
@@ -215,6 +217,8 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest review, in tokens."),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (findings, usage)."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not keep this review in the conversation log."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
+        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
     ) -> None:
         """Review a diff (uncommitted changes by default) with the repository as context.
 
@@ -228,7 +232,7 @@ def register(app: typer.Typer) -> None:
                            "see 'dsv4 review --help'", exit_code=EXIT_USAGE)
         options = ReviewOptions(staged=staged, range_spec=range_spec, fail_on=fail_on.lower() if fail_on else None,
                                 timeout=timeout, model=model, max_tokens=max_tokens, json_output=json_output,
-                                log=not no_log)
+                                log=not no_log, cache=not no_cache, cache_read_only=cache_ro)
         code = run_review(options)
         if code != EXIT_OK:
             raise typer.Exit(code)
@@ -258,7 +262,7 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         timed_out = True
     else:
         with view:
-            events = model.chat(messages, params, cancel=out_of_time)
+            events = _review_events(model, messages, params, options, cancel=out_of_time)
             with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
                 for event in events:
                     view.handle(event)
@@ -281,6 +285,14 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         print(_json_report(diff, name, findings, failing, options, done, timed_out), flush=True)
     else:
         _print_report(diff, name, findings)
+    cache_report = done.extra.get("cache") if done is not None else None
+    if cache_report:
+        from rich.markup import escape
+
+        from dsv4cli.console import warn
+
+        for warning in cache_report.get("warnings", []):
+            warn(escape(warning))
     if timed_out:
         render.note(f"the review stopped at the --timeout of {options.timeout:g} s; findings complete by then are shown")
     elif done is not None and done.finish_reason == "length":
@@ -319,6 +331,17 @@ def _fit_messages(model: Any, name: str, diff: DiffToReview, question: str, opti
             raise
         render.note("the repository does not fit beside the diff; reviewing the diff alone")
         return ask_command._messages(model, AskInputs((), question, None), ask_options, name)
+
+
+def _review_events(model: Any, messages: list[dict[str, str]], params: Any, options: ReviewOptions,
+                   cancel: Callable[[], bool]) -> Any:
+    """Through the prefix cache, as `dsv4 ask` answers: the repository's pack is read once."""
+    from engine import cached_generation
+
+    if not cached_generation.supports(model):
+        return model.chat(messages, params, cancel=cancel)
+    settings = cached_generation.CacheSettings(enabled=options.cache, read_only=options.cache_read_only)
+    return cached_generation.chat(model, messages, params, settings=settings, cancel=cancel)
 
 
 def _sampling(name: str, max_tokens: int) -> Any:
@@ -371,6 +394,7 @@ def _json_report(diff: DiffToReview, name: str, findings: list[Finding], failing
             "cached_tokens": usage.cached_tokens if usage else 0,
             "completion_tokens": usage.completion_tokens if usage else 0,
         },
+        "cache": done.extra.get("cache") if done is not None else None,
     }
     return json.dumps(payload, ensure_ascii=False)
 
