@@ -17,7 +17,7 @@ _dsv4_options() {
         'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --help -h' ;;
         'pull') echo '--help -h' ;;
         'models') echo '--json --verify --help -h' ;;
-        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --help -h' ;;
+        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --help -h' ;;
         'completion') echo '--help -h' ;;
         'cache') echo '--help -h' ;;
         'cache ls') echo '--json --help -h' ;;

@@ -116,6 +116,8 @@ complete -c dsv4 -n '__dsv4_at \'review\'' -l model -s m -r -a 'mini flash pro' 
 complete -c dsv4 -n '__dsv4_at \'review\'' -l max-tokens -r -d 'Longest review, in tokens'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l json -d 'Print one JSON object (findings, usage)'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-log -d 'Do not keep this review in the conversation log'
+complete -c dsv4 -n '__dsv4_at \'review\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
+complete -c dsv4 -n '__dsv4_at \'review\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'completion\'' -f
 complete -c dsv4 -n '__dsv4_at \'completion\'' -a 'bash zsh fish'
