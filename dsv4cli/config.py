@@ -14,6 +14,7 @@ only a warning, so an older dsv4 still runs with a newer file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -312,9 +313,15 @@ class _CommandDefaults(Mapping[str, Any]):
         if not self._is_command(command):
             return default
         if command == "config":
-            return default  # `dsv4 config path` must work while a settings file is broken
-        settings = load_settings()
-        apply_color(settings)
+            # `dsv4 config path` must work while a settings file is broken: colour only.
+            with contextlib.suppress(CliError):
+                apply_color(load_settings(warn=lambda message: None))
+            return default
+        warnings: list[str] = []
+        settings = load_settings(warn=warnings.append)
+        apply_color(settings)  # before the warnings, which are the first thing drawn
+        for message in warnings:
+            _warn(message)
         table = COMMAND_DEFAULTS.get(command, {})
         return {option: settings[key] for option, key in table.items() if settings.is_configured(key)}
 

@@ -15,4 +15,5 @@ def register(app: typer.Typer) -> None:
 
         if shell not in scripts.SHELLS:
             raise CliError(f"unknown shell {shell!r}", f"choose one of {', '.join(scripts.SHELLS)}", exit_code=EXIT_USAGE)
-        print(scripts.script(shell, app), end="", flush=True)
+        # The whole command tree, whichever commands `app` was built with.
+        print(scripts.script(shell), end="", flush=True)
