@@ -10,26 +10,15 @@ import sys
 import typer
 
 from dsv4cli import errors
-from dsv4cli.commands import ask as ask_command
-from dsv4cli.commands import cache as cache_command
-from dsv4cli.commands import completion as completion_command
-from dsv4cli.commands import config as config_command
-from dsv4cli.commands import hook as hook_command
-from dsv4cli.commands import logs as logs_command
-from dsv4cli.commands import models as models_command
-from dsv4cli.commands import pack as pack_command
-from dsv4cli.commands import review as review_command
 
-app = typer.Typer(
-    name="dsv4",
-    help="Pack a repository or a stack of manuals into one prompt and ask a model about it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
+# Subcommand -> the module in dsv4cli.commands that registers it. The order of _MODULES is
+# the order `dsv4 --help` lists the commands in.
+_MODULES = ("pack", "ask", "models", "cache", "config", "logs", "review", "hook", "completion")
+_COMMAND_MODULES = {
+    "pack": "pack", "ask": "ask", "pull": "models", "models": "models", "cache": "cache",
+    "config": "config", "logs": "logs", "review": "review", "hook": "hook", "completion": "completion",
+}
+_COMPLETION_VARIABLE = "_DSV4_COMPLETE"
 
 
 def _show_version(value: bool) -> None:
@@ -40,24 +29,51 @@ def _show_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
-    ),
-) -> None:
-    """Pack a repository or a stack of manuals into one prompt and ask a model about it."""
+def build_app(modules: tuple[str, ...] = _MODULES) -> typer.Typer:
+    """The root command with the subcommands of `modules` registered."""
+    import importlib
+
+    root = typer.Typer(
+        name="dsv4",
+        help="Pack a repository or a stack of manuals into one prompt and ask a model about it.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @root.callback()
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
+    ) -> None:
+        """Pack a repository or a stack of manuals into one prompt and ask a model about it."""
+
+    for module in modules:
+        importlib.import_module(f"dsv4cli.commands.{module}").register(root)
+    return root
 
 
-pack_command.register(app)
-ask_command.register(app)
-models_command.register(app)
-cache_command.register(app)
-config_command.register(app)
-logs_command.register(app)
-review_command.register(app)
-hook_command.register(app)
-completion_command.register(app)
+def _app_for(args: list[str]) -> typer.Typer:
+    """Only the invoked command's module is imported (`ask` alone pulls in rich.markdown and
+    more, a third of a warm `dsv4 pack`); help, completion and unknown commands get them all."""
+    import os
+
+    module = _COMMAND_MODULES.get(args[0]) if args else None
+    if module is None or os.environ.get(_COMPLETION_VARIABLE):
+        return __getattr__("app")
+    return build_app((module,))
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `from dsv4cli.app import app`: the full command tree, built on first use
+    if name == "app":
+        full = build_app()
+        globals()["app"] = full
+        return full
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from typer._click import exceptions as click_exceptions
 
     try:
-        result = app(args=argv, prog_name="dsv4", standalone_mode=False)
+        args = sys.argv[1:] if argv is None else list(argv)
+        result = _app_for(args)(args=args, prog_name="dsv4", standalone_mode=False)
         code = result if isinstance(result, int) else errors.EXIT_OK
     except click_exceptions.UsageError as exc:
         if errors.debug_enabled():

@@ -34,3 +34,33 @@ def test_library_error_is_one_line_with_hint(capsys, tmp_path):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "(" in lines[0]
+
+
+def test_help_lists_every_command_in_registration_order(capsys):
+    from dsv4cli.app import app
+    from typer.main import get_command
+
+    assert main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == list(get_command(app).commands)
+    assert {"pack", "ask", "pull", "models", "review", "completion", "cache", "config", "logs", "hook"} <= set(listed)
+
+
+def test_a_known_command_imports_only_its_own_module(tmp_path):
+    code = ("import sys; from dsv4cli.app import main; main(['pack', '--list', '--no-git', sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.startswith('dsv4cli.commands.')), file=sys.stderr)")
+    (tmp_path / "a.txt").write_text("a\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "a.txt\n"
+    assert result.stderr.strip().splitlines()[-1] == "['dsv4cli.commands.pack']"
+
+
+def test_commands_run_one_after_another_in_one_process(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("a\n")
+    assert main(["pack", "--list", "--no-git", str(tmp_path)]) == 0
+    assert main(["--version"]) == 0
+    assert main(["pack", "--no-such-option"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("a.txt\ndsv4 ")
+    assert "see 'dsv4 pack --help'" in captured.err
