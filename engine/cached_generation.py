@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,18 +187,22 @@ def _restore(cache: PrefixCache, adapter: StateAdapter, state: Any, prompt_ids: 
             match = cache.match(hashes, partial_ok=adapter.partial_ok)
             report.removed += match.removed
             report.miss_reason = match.reason
-            for header, used_chunks in match.segments:
-                used = used_chunks * cache.chunk_tokens
-                try:
-                    segment = cache.load(header, prompt_ids, used)
-                    adapter.import_range(state, header.start, used, segment)
-                except SegmentError as exc:
-                    cache.discard(header.path, str(exc), report.removed)
-                    report.miss_reason = f"a cached segment at token {header.start:,} is unusable: {exc}"
-                    break
-                report.bytes_loaded += header.file_bytes
-                report.segments_loaded += 1
-                cache.touch(header)
+            plan = [(header, used_chunks * cache.chunk_tokens) for header, used_chunks in match.segments]
+            # Segment i + 1 is read and verified while segment i is copied into the state.
+            with ThreadPoolExecutor(1) as reader:
+                upcoming = reader.submit(cache.load, plan[0][0], prompt_ids, plan[0][1]) if plan else None
+                for i, (header, used) in enumerate(plan):
+                    try:
+                        segment = upcoming.result()
+                        upcoming = reader.submit(cache.load, plan[i + 1][0], prompt_ids, plan[i + 1][1]) if i + 1 < len(plan) else None
+                        adapter.import_range(state, header.start, used, segment)
+                    except SegmentError as exc:
+                        cache.discard(header.path, str(exc), report.removed)
+                        report.miss_reason = f"a cached segment at token {header.start:,} is unusable: {exc}"
+                        break
+                    report.bytes_loaded += header.file_bytes
+                    report.segments_loaded += 1
+                    cache.touch(header)
     except (OSError, ValueError, RuntimeError) as exc:
         # A broken cache directory is a miss; the state is rebuilt from the prompt.
         state.reset()

@@ -41,6 +41,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ _ALIGN = 64
 _PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
 _MAX_HEADER = 16 << 20
 _STALE_TEMP_S = 3600.0
+_READ_BLOCK = 8 << 20
 # Test-only hook: a writer that has put this many bytes into a temp file stops there and
 # sleeps, so a test can SIGKILL it in the middle of a write.
 _PAUSE_ENV = "DSV4_CACHE_TEST_PAUSE_AT"
@@ -289,7 +292,7 @@ def read_header(path: Path) -> SegmentHeader:
 class LoadedSegment:
     header: SegmentHeader
     tokens: list[int]
-    buffer: bytearray  # the whole file; tensors are views into it
+    buffer: mmap.mmap  # the whole file; tensors are views into it
     seconds: float
 
     def tensor_bytes(self, spec: TensorSpec) -> memoryview:
@@ -298,31 +301,41 @@ class LoadedSegment:
 
 
 def load_segment(header: SegmentHeader, fingerprint: str) -> LoadedSegment:
-    """Read the whole file in one sequential read and verify it end to end."""
+    """Read the whole file sequentially and verify it end to end; the SHA-256 of each
+    block runs in a helper thread while the next block is read (hashlib drops the GIL)."""
     started = time.perf_counter()
     if header.fingerprint != fingerprint:
         raise SegmentError("written for another fingerprint (model, tokenizer or engine)")
-    buffer = bytearray(header.file_bytes)
+    size = header.file_bytes
+    buffer = mmap.mmap(-1, size)  # anonymous, page-aligned, not zero-filled up front
+    view = memoryview(buffer)
+    digest = hashlib.sha256()
+    hashed_end = size - 32
+    done = 0
     try:
-        with header.path.open("rb", buffering=0) as handle:
-            view = memoryview(buffer)
-            done = 0
-            while done < len(buffer):
-                n = handle.readinto(view[done:])
+        with header.path.open("rb", buffering=0) as handle, ThreadPoolExecutor(1) as hasher:
+            pending = None
+            while done < size:
+                n = handle.readinto(view[done : min(size, done + _READ_BLOCK)])
                 if not n:
                     break
+                if pending is not None:
+                    pending.result()
+                if done < hashed_end:
+                    pending = hasher.submit(digest.update, view[done : min(done + n, hashed_end)])
                 done += n
+            if pending is not None:
+                pending.result()
     except OSError as exc:
         raise SegmentError(f"unreadable: {exc.strerror or exc}") from None
-    if done != len(buffer):
-        raise SegmentError(f"truncated while reading: {done:,} of {len(buffer):,} bytes")
-    body = memoryview(buffer)[:-32]
-    if hashlib.sha256(body).digest() != bytes(buffer[-32:]):
+    if done != size:
+        raise SegmentError(f"truncated while reading: {done:,} of {size:,} bytes")
+    if digest.digest() != bytes(view[hashed_end:]):
         raise SegmentError("checksum mismatch (the file is damaged)")
     n = header.n_tokens
-    tokens = _u32_list(memoryview(buffer)[header.tokens_offset : header.tokens_offset + 4 * n])
+    tokens = _u32_list(view[header.tokens_offset : header.tokens_offset + 4 * n])
     for spec in header.tensors:
-        if header.payload_offset + spec.offset + spec.nbytes > len(buffer) - 32:
+        if header.payload_offset + spec.offset + spec.nbytes > hashed_end:
             raise SegmentError(f"tensor {spec.name} lies outside the file")
     return LoadedSegment(header, tokens, buffer, time.perf_counter() - started)
 

@@ -87,9 +87,16 @@ def test_warm_logits_match_cold_within_tolerance(tiny, prompt):
     assert warm_state.length == 384
     ids = torch.tensor([prompt])
     warm = tiny.model(ids[:, 384:], warm_state, output="all")
+    # The restore is lossless: equal, bit for bit, to a cold prefill in the same steps
+    # (the cached run prefilled 128 tokens at a time, one segment per step).
+    same_steps = tiny.model.new_state()
+    for lo in range(0, 384, 128):
+        tiny.model(ids[:, lo : lo + 128], same_steps, output="none")
+    assert torch.equal(warm, tiny.model(ids[:, 384:], same_steps, output="all"))
+    # Against a one-shot prefill only bf16 rounding of the keys and values differs.
     cold = tiny.model(ids, tiny.model.new_state(), output="all")[:, 384:]
     assert torch.equal(warm.argmax(-1), cold.argmax(-1))
-    assert torch.allclose(warm, cold, atol=5e-2, rtol=0), (warm - cold).abs().max()
+    assert torch.allclose(warm, cold, atol=0.1, rtol=0.02), (warm - cold).abs().max()
 
 
 def test_a_shared_prefix_is_reused_up_to_the_chunk_where_prompts_differ(tiny, prompt):
