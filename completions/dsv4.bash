@@ -81,7 +81,7 @@ _dsv4_arguments() {
         'config') echo 'none' ;;
         'config path') echo 'none' ;;
         'config show') echo 'none' ;;
-        'config set') echo 'choices:model max_tokens temperature budget color backend cache_max_size exclude review.fail_on review.timeout review.max_tokens' ;;
+        'config set') echo 'choices:model max_tokens temperature budget color backend cache_cap exclude review.fail_on review.timeout review.max_tokens' ;;
         'logs') echo 'none' ;;
         'logs show') echo 'files' ;;
         'logs path') echo 'none' ;;

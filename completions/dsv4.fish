@@ -156,7 +156,7 @@ complete -c dsv4 -n '__dsv4_at \'config show\'' -f
 complete -c dsv4 -n '__dsv4_at \'config show\'' -l json -d 'Print a JSON object: key -> value, source'
 complete -c dsv4 -n '__dsv4_at \'config show\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'config set\'' -f
-complete -c dsv4 -n '__dsv4_at \'config set\'' -a 'model max_tokens temperature budget color backend cache_max_size exclude review.fail_on review.timeout review.max_tokens'
+complete -c dsv4 -n '__dsv4_at \'config set\'' -a 'model max_tokens temperature budget color backend cache_cap exclude review.fail_on review.timeout review.max_tokens'
 complete -c dsv4 -n '__dsv4_at \'config set\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'logs\'' -f
 complete -c dsv4 -n '__dsv4_at \'logs\'' -a 'show' -d 'Print one conversation: each question and answer, with usage'

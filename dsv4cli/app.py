@@ -53,6 +53,7 @@ def build_app(modules: tuple[str, ...] = _MODULES) -> typer.Typer:
 
     for module in modules:
         importlib.import_module(f"dsv4cli.commands.{module}").register(root)
+    importlib.import_module("dsv4cli.config").install_defaults(root)  # settings as the commands' defaults
     return root
 
 

@@ -97,15 +97,16 @@ def _globs(value: Any) -> tuple[str, ...]:
     return tuple(item.strip() for item in value)
 
 
-def _size(value: Any) -> int:
-    from dsv4cli.commands.pack import parse_size
+def _size(value: Any) -> str:
+    """A size as text ("20G", "512M", bytes): validated here, parsed by the prefix cache."""
+    from engine.prefix_cache import parse_size
 
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    text = str(value).strip() if not isinstance(value, bool) else ""
     try:
-        return parse_size(str(value))
-    except CliError:
+        parse_size(text)
+    except (ValueError, TypeError):
         raise ValueError("must be a size such as 20G or 512M") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -120,17 +121,21 @@ class Setting:
         return ENV_PREFIX + self.key.upper().replace(".", "_")
 
 
-def _builtin_settings() -> tuple[Setting, ...]:
-    from dsv4cli.commands import ask
+# The commands' own defaults (tests check they agree); not imported from the commands, so
+# that reading settings does not load every command module.
+DEFAULT_MODEL = "mini"
+DEFAULT_MAX_TOKENS = 512
 
+
+def _builtin_settings() -> tuple[Setting, ...]:
     return (
-        Setting("model", _text, ask.DEFAULT_MODEL, "model alias (mini, flash, pro) or path"),
-        Setting("max_tokens", _positive_int, ask.DEFAULT_MAX_TOKENS, "longest answer, in tokens"),
+        Setting("model", _text, DEFAULT_MODEL, "model alias (mini, flash, pro) or path"),
+        Setting("max_tokens", _positive_int, DEFAULT_MAX_TOKENS, "longest answer, in tokens"),
         Setting("temperature", _non_negative_float, 0.0, "sampling temperature (0 = greedy)"),
         Setting("budget", _positive_int, None, "dsv4 pack: fit the pack into this many tokens"),
         Setting("color", _choice(*COLORS), "auto", "colour on stderr and terminals: auto, always, never"),
         Setting("backend", _choice("auto", "cpu", "cuda"), "auto", "where the engine runs"),
-        Setting("cache_max_size", _size, 20 << 30, "prefix cache cap on disk, in bytes (20G, 512M)"),
+        Setting("cache_cap", _size, None, "prefix cache cap on disk (20G, 512M); unset: min(20 GB, 10% of the disk)"),
         Setting("exclude", _globs, (), "extra paths to leave out of packs (gitignore globs)"),
         Setting("review.fail_on", _choice(*SEVERITIES), None, "dsv4 review: exit 1 at or above this severity"),
         Setting("review.timeout", _positive_float, None, "dsv4 review: time budget in seconds"),
@@ -140,7 +145,7 @@ def _builtin_settings() -> tuple[Setting, ...]:
 
 # Which configured key gives the default of which command option (click parameter name).
 COMMAND_DEFAULTS: dict[str, dict[str, str]] = {
-    "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature"},
+    "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature", "cache_cap": "cache_cap"},
     "pack": {"model": "model", "budget": "budget", "exclude": "exclude"},
     "review": {"model": "model", "fail_on": "review.fail_on", "timeout": "review.timeout",
                "max_tokens": "review.max_tokens"},

@@ -51,5 +51,3 @@ def register(app: typer.Typer) -> None:
         render.note(f"{key} set in {written}")
 
     app.add_typer(config_app, name="config")
-    # The configured values become the commands' defaults (the command line still wins).
-    config.install_defaults(app)
