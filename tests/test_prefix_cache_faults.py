@@ -274,3 +274,23 @@ def test_two_processes_writing_the_same_prefix_at_once(tiny, tiny_path, prompt, 
     assert not list(prefix_cache.root_dir().rglob("*.tmp.*"))
     done = run(tiny, prompt)
     assert done.extra["cache"]["reused_tokens"] == 384 and done.text == cold_text
+
+
+def test_eviction_waits_for_a_reader_to_finish(tiny, prompt):
+    """A reader holds the cache's shared lock while it loads; pruning (which deletes)
+    takes it exclusively, so it cannot delete a segment under the reader's feet."""
+    run(tiny, prompt)
+    cache = PrefixCache(cached_generation.fingerprint_for(tiny, adapter_for(tiny.model, CHUNK)))
+    pruned = threading.Event()
+
+    def prune_everything() -> None:
+        prefix_cache.prune(cap_bytes=0)
+        pruned.set()
+
+    with cache.reading():
+        pruner = threading.Thread(target=prune_everything, daemon=True)
+        pruner.start()
+        assert not pruned.wait(0.5)
+        assert len(prefix_cache.segment_paths()) == 3  # still all there while we read
+    pruner.join(10)
+    assert pruned.is_set() and not prefix_cache.segment_paths()
