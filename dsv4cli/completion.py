@@ -100,7 +100,8 @@ def command_tree(app: Any) -> list[CommandSpec]:
         for name, child in children:
             visit(child, path + (name,), core.Context(child, info_name=name, parent=context))
 
-    visit(root, (), core.Context(root, info_name=PROGRAM, **root.context_settings))
+    # No default_map: the tree does not depend on (or read) anyone's settings files.
+    visit(root, (), core.Context(root, info_name=PROGRAM, **{**root.context_settings, "default_map": None}))
     return specs
 
 

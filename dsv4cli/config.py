@@ -297,6 +297,10 @@ def format_value(value: Any) -> str:
 # ---------------------------------------------------------------- wiring into the commands
 
 
+# Commands that take no configured defaults and must work while a settings file is broken.
+_SETTINGS_FREE = frozenset({"config", "completion"})
+
+
 class _CommandDefaults(Mapping[str, Any]):
     """click's `default_map` for the root command, read when a subcommand is parsed.
 
@@ -317,7 +321,7 @@ class _CommandDefaults(Mapping[str, Any]):
     def get(self, command: str, default: Any = None) -> Any:
         if not self._is_command(command):
             return default
-        if command == "config":
+        if command in _SETTINGS_FREE:
             # `dsv4 config path` must work while a settings file is broken: colour only.
             with contextlib.suppress(CliError):
                 apply_color(load_settings(warn=lambda message: None))

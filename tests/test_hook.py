@@ -179,7 +179,7 @@ def test_the_pre_commit_framework_installs_and_runs_dsv4_review(repo, tiny_model
         # nothing is downloaded; only dsv4 itself is built and installed from the snapshot.
         "VIRTUALENV_SYSTEM_SITE_PACKAGES": "1",
         "PIP_NO_INDEX": "1",
-        "PIP_NO_BUILD_ISOLATION": "0",
+        "PIP_NO_BUILD_ISOLATION": "0",  # pip's inverted spelling: isolation off, setuptools from here too
     }
     result = subprocess.run([sys.executable, "-m", "pre_commit", "run", "dsv4-review"], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=600)
