@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from ingest.budget import Candidate, Reduction, fit
 from ingest.errors import IngestError, NotAGitRepository, SourceNotFound
 from ingest.render import TailEntry, check_format, file_block, report_frame, report_line, tail_blocks
 from ingest.types import Document, ReadOptions, SelectOptions, Selection
+
+if TYPE_CHECKING:
+    from ingest.pack_cache import CachedOutput
 
 __all__ = ["pack", "list_paths", "PackOptions", "PackResult", "FileReport", "Reduction", "IngestError"]
 
@@ -39,7 +43,6 @@ class FileReport:
 
 @dataclass
 class PackResult:
-    text: str
     total_tokens: int | None          # exact count of `text`; None without a tokenizer
     files: list[FileReport]
     warnings: list[str] = field(default_factory=list)
@@ -48,6 +51,24 @@ class PackResult:
     tokenizer: str | None = None
     tokenized_blocks: int = 0         # blocks the tokenizer actually saw (the rest came from cache)
     from_cache: bool = False          # the whole output came from the pack cache (nothing changed)
+    _text: str | None = field(default=None, repr=False)
+    _cached: CachedOutput | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The packed prompt (read from the pack cache on first use after a hit)."""
+        if self._text is None:
+            self._text = self._cached.text() if self._cached is not None else ""
+        return self._text
+
+    def write_output(self, sink: BinaryIO) -> None:
+        """The packed prompt as UTF-8 into the binary stream `sink` (file names that are not
+        UTF-8 keep their own bytes). A cache hit is copied by the kernel, never decoded."""
+        if self._cached is not None and self._cached.plain_utf8:
+            self._cached.copy_to(sink)
+            return
+        sink.write(self.text.encode("utf-8", "surrogateescape"))
+        sink.flush()
 
 
 @dataclass
@@ -144,7 +165,7 @@ def _pack_documents(fmt, documents: list[Document], options: PackOptions, tokeni
     files = [FileReport(d.path, statuses[i], reasons[i], block_tokens[i] if statuses[i] != "listed" else 0)
              for i, d in enumerate(documents)]
     return PackResult(
-        text=body_text + "".join(tail),
+        _text=body_text + "".join(tail),
         total_tokens=total,
         files=files,
         reduced=reductions,
@@ -205,9 +226,9 @@ def _cache_meta(result: PackResult, read_warnings: list[str]) -> dict:
     }
 
 
-def _result_from_cache(meta: dict, text: str, warnings: list[str]) -> PackResult:
+def _result_from_cache(meta: dict, output: CachedOutput, warnings: list[str]) -> PackResult:
     return PackResult(
-        text=text,
+        _cached=output,
         total_tokens=meta["total_tokens"],
         files=[FileReport(*entry) for entry in meta["files"]],
         warnings=warnings + list(meta["read_warnings"]),

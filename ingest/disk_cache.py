@@ -28,7 +28,8 @@ def save_json(path: Path, value: Any) -> None:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(value, handle, separators=(",", ":"), ensure_ascii=False)
+                # ASCII escapes keep file names that are not UTF-8 (lone surrogates) exact
+                json.dump(value, handle, separators=(",", ":"), ensure_ascii=True)
             os.replace(temporary, path)
         except BaseException:
             try:

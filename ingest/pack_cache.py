@@ -16,14 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ingest.disk_cache import load_json, prune_oldest, save_json
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 RACY_SECONDS = 2.0
 _KEEP = 8
 _CODE_DIR = Path(__file__).resolve().parent
@@ -53,6 +54,61 @@ def code_fingerprint() -> list[Any]:
     return entries
 
 
+# A UTF-16 surrogate (U+D800-U+DFFF) in "surrogatepass" UTF-8: ED followed by A0-BF. Valid
+# UTF-8 never has that pair, so its absence means the bytes are the strict UTF-8 of the text.
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+_COPY_CHUNK = 1 << 20
+
+
+class CachedOutput:
+    """A cached pack's bytes, held open: a later rename or prune cannot cut them short.
+
+    `plain_utf8`: the text has no lone surrogates (file names that are not UTF-8 decode to
+    some), so these bytes are exactly its UTF-8 and can be copied out as they are.
+    """
+
+    def __init__(self, handle: BinaryIO, size: int, plain_utf8: bool):
+        self._handle, self.size, self.plain_utf8 = handle, size, plain_utf8
+
+    def text(self) -> str:
+        return os.pread(self._handle.fileno(), self.size, 0).decode("utf-8", "surrogatepass")
+
+    def copy_to(self, sink: BinaryIO) -> None:
+        """All the bytes into `sink` (flushed first), by sendfile where the kernel can."""
+        sink.flush()
+        source, offset = self._handle.fileno(), 0
+        try:
+            target: int | None = sink.fileno()
+        except (OSError, ValueError):       # an in-memory stream
+            target = None
+        if target is not None:
+            try:
+                while offset < self.size:
+                    sent = os.sendfile(target, source, offset, min(self.size - offset, 1 << 30))
+                    if sent == 0:
+                        break
+                    offset += sent
+            except OSError as error:
+                if offset or not _sendfile_unsupported(error):
+                    raise
+        while offset < self.size:
+            chunk = os.pread(source, min(_COPY_CHUNK, self.size - offset), offset)
+            if not chunk:
+                raise OSError("the cached pack shrank while being copied")
+            sink.write(chunk)
+            offset += len(chunk)
+        sink.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _sendfile_unsupported(error: OSError) -> bool:
+    import errno
+
+    return error.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP)
+
+
 class PackCache:
     def __init__(self, cache_dir: Path):
         self.directory = Path(cache_dir) / "packs"
@@ -63,19 +119,24 @@ class PackCache:
                              separators=(",", ":"))
         return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
 
-    def load(self, key: str) -> tuple[dict, str] | None:
+    def load(self, key: str) -> tuple[dict, CachedOutput] | None:
         meta = load_json(self.directory / f"{key}.json")
         if not isinstance(meta, dict) or meta.get("key") != key:
             return None
         try:
-            data = (self.directory / f"{key}.txt").read_bytes()
+            handle = open(self.directory / f"{key}.txt", "rb")
         except OSError:
             return None
         # writes are atomic (temporary file, rename), so the length is check enough and costs
         # nothing, where hashing 15 MB again would cost a tenth of a warm re-pack
-        if len(data) != meta.get("text_bytes"):
+        try:
+            size = os.fstat(handle.fileno()).st_size
+        except OSError:
+            size = -1
+        if size != meta.get("text_bytes"):
+            handle.close()
             return None
-        return meta, data.decode("utf-8", "surrogatepass")
+        return meta, CachedOutput(handle, size, meta.get("plain_utf8") is True)
 
     def store(self, key: str, meta: dict, text: str, newest_change_ns: int) -> None:
         if newest_change_ns > time.time_ns() - int(RACY_SECONDS * 1e9):
@@ -89,6 +150,6 @@ class PackCache:
         except OSError:
             return
         save_json(self.directory / f"{key}.json",
-                  {**meta, "key": key, "text_bytes": len(data)})
+                  {**meta, "key": key, "text_bytes": len(data), "plain_utf8": _SURROGATE.search(data) is None})
         prune_oldest(self.directory, _KEEP)
         prune_oldest(self.directory, _KEEP, pattern="*.txt")

@@ -161,3 +161,57 @@ def test_pack_never_imports_torch(repo, tiny_gguf):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+_WARM_TWICE = """
+import sys
+import ingest.pack_cache
+from dsv4cli.app import main
+ingest.pack_cache.RACY_SECONDS = -10.0    # the files were all written just now
+main(["pack", *sys.argv[1:]])
+"""
+
+
+def test_a_cache_hit_copies_the_same_bytes_to_a_pipe_and_to_a_file(repo, tiny_gguf, tmp_path):
+    (repo / "caf\u00e9 \u2603.txt").write_text("non-ASCII name\n")
+    env = {**os.environ, "DSV4_HOME": str(tmp_path / "home"), "DSV4_DEBUG": "1"}
+    outputs = []
+    for run in range(3):
+        target = tmp_path / f"out{run}"
+        # a file (copied by sendfile from the cache on a hit), then a pipe
+        written = subprocess.run([sys.executable, "-c", _WARM_TWICE, "--model", str(tiny_gguf), "-o", str(target)],
+                                 cwd=repo, env=env, capture_output=True)
+        assert written.returncode == 0, written.stderr
+        piped = subprocess.run([sys.executable, "-c", _WARM_TWICE, "--model", str(tiny_gguf)],
+                               cwd=repo, env=env, capture_output=True)
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stdout == target.read_bytes()
+        outputs.append(piped.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "caf\u00e9 \u2603.txt".encode() in outputs[0]
+    assert len(list((tmp_path / "home").rglob("packs/*.txt"))) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes as a name")
+def test_a_cache_hit_with_a_name_that_is_not_utf8(repo, tiny_gguf, tmp_path, monkeypatch):
+    import ingest
+    import ingest.pack_cache
+
+    monkeypatch.setattr(ingest.pack_cache, "RACY_SECONDS", -10.0)
+    with open(os.path.join(os.fsencode(repo), b"latin1-caf\xe9.txt"), "wb") as handle:
+        handle.write(b"a name in Latin-1\n")
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(tiny_gguf)
+    cache = tmp_path / "cache"
+    first = ingest.pack([repo], tokenizer=tokenizer, cache_dir=cache)
+    second = ingest.pack([repo], tokenizer=tokenizer, cache_dir=cache)
+    assert not first.from_cache and second.from_cache
+    import io
+
+    sinks = [io.BytesIO(), io.BytesIO()]
+    first.write_output(sinks[0])
+    second.write_output(sinks[1])
+    assert sinks[0].getvalue() == sinks[1].getvalue()
+    assert b'path="latin1-caf\\xdce9.txt"' in sinks[0].getvalue()     # shown escaped, never raw
+    assert second.text == first.text

@@ -214,3 +214,18 @@ def test_real_tokenizer_counts_add_up_on_this_repository(fmt):
     tokenizer = Tokenizer.from_gguf(path)
     result = pack([Path(__file__).resolve().parents[1]], options=PackOptions(format=fmt), tokenizer=tokenizer)
     assert result.total_tokens == tokenizer.count(result.text)
+
+
+def test_a_cached_pack_with_lone_surrogates_is_written_like_a_fresh_one(tmp_path, tokenizer):
+    import io
+
+    cache = tmp_path / "cache"
+    text = "bytes that were not UTF-8: \udce9\udcff\n"
+    first = pack(["-"], stdin_text=text, tokenizer=tokenizer, cache_dir=cache)
+    second = pack(["-"], stdin_text=text, tokenizer=tokenizer, cache_dir=cache)
+    assert not first.from_cache and second.from_cache and second.text == first.text
+    sinks = [io.BytesIO(), io.BytesIO()]
+    first.write_output(sinks[0])
+    second.write_output(sinks[1])
+    assert sinks[0].getvalue() == sinks[1].getvalue() == first.text.encode("utf-8", "surrogateescape")
+    assert b"\xe9\xff" in sinks[1].getvalue()

@@ -105,7 +105,7 @@ def run_pack(*, sources: list[str], output: Path | None, fmt: str, budget: int |
     tokenizer = _load_tokenizer(model, cache_dir)
     stdin_text = _read_stdin() if "-" in sources else None
     result = ingest.pack(sources, options=options, tokenizer=tokenizer, cache_dir=cache_dir, stdin_text=stdin_text)
-    _write_payload(result.text, output)
+    _write_result(result, output)
     if summary_json is not None:
         _write_summary_json(summary_json, result)
     _print_summary(result, budget)
@@ -132,12 +132,13 @@ def _load_tokenizer(model: str, cache_dir: Path):
     An unchanged repository is answered from the pack cache, whose key needs only the digest:
     loading the tokenizer itself (the rank table, a tiktoken Encoding) would be wasted then.
     """
-    from dsv4cli import render
     from engine import store
     from engine.errors import EngineError
     from ingest.disk_cache import load_json, save_json
 
     def load():
+        from dsv4cli import render      # rich's progress bars: only when a tokenizer is loaded
+
         with render.transfer_progress() as progress:
             return store.load_tokenizer(model, fetch=True, progress=progress, note=render.note)
 
@@ -212,6 +213,18 @@ def _write_payload(text: str, output: Path | None) -> None:
     sys.stdout.flush()
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
+
+
+def _write_result(result, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.flush()
+        result.write_output(sys.stdout.buffer)
+        return
+    try:
+        with open(output, "wb") as sink:
+            result.write_output(sink)
+    except OSError as exc:
+        raise CliError(f"cannot write {output}: {exc.strerror or exc}", "check the output path") from None
 
 
 def _write_summary_json(path: Path, result) -> None:
