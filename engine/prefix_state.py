@@ -20,6 +20,7 @@ when it raises).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -36,11 +37,18 @@ NUMERICS_VERSION = 1
 
 def numerics_digest(modules: list[Any]) -> str:
     """Hash of the source of the modules that compute the state: an edit there may change
-    the KV values, so it changes the fingerprint (a comment edit costs one cold run)."""
+    the KV values, so it changes the fingerprint (a comment edit costs one cold run).
+    Read once per process, so it describes the code this process runs even if the files
+    are edited while it runs."""
     digest = hashlib.sha256(f"numerics-{NUMERICS_VERSION}-torch-{torch.__version__.split('+')[0]}".encode())
     for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(_source_digest(module.__file__))
     return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(path: str) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).digest()
 
 
 def _tensor_data(name: str, tensor: torch.Tensor) -> TensorData:
