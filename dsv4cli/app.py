@@ -33,7 +33,10 @@ def build_app(modules: tuple[str, ...] = _MODULES) -> typer.Typer:
     """The root command with the subcommands of `modules` registered."""
     import importlib
 
+    from dsv4cli.plain_params import PlainGroup
+
     root = typer.Typer(
+        cls=PlainGroup,
         name="dsv4",
         help="Pack a repository or a stack of manuals into one prompt and ask a model about it.",
         no_args_is_help=True,

@@ -64,3 +64,44 @@ def test_commands_run_one_after_another_in_one_process(capsys, tmp_path):
     captured = capsys.readouterr()
     assert captured.out.startswith("a.txt\ndsv4 ")
     assert "see 'dsv4 pack --help'" in captured.err
+
+
+def test_plain_values_skip_pydantic_and_every_answer_matches_typers_own(tmp_path, capsys, monkeypatch):
+    """The same arguments give the same exit code, output and message with and without the plain
+    coercion (dsv4cli/plain_params.py), and a plain `pack` never imports pydantic."""
+    from dsv4cli import plain_params
+
+    source, out = tmp_path / "source", tmp_path / "out.txt"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
+    cases = [
+        ["pack", "--list", "--no-git", str(source)],
+        ["pack", "--list", "--no-git", "--budget", "5", str(source)],
+        ["pack", "--list", "--no-git", "--budget", "0", str(source)],
+        ["pack", "--list", "--no-git", "--budget", "abc", str(source)],
+        ["pack", "--list", "--no-git", "--budget", "+7", str(source)],
+        ["pack", "--list", "--no-git", "--budget", "", str(source)],
+        ["pack", "--list", "--no-git", "-o", str(out), "--include", "*.txt", str(source)],
+        ["pack", "--list", "--no-git", "-o", "", str(source)],
+        ["pack", "--list", "--no-git", "--exclude", "a.*", "--exclude", "b", str(source)],
+        ["pack", "--list", "--no-git", "--max-file-size", "2M", "--format", "plain", str(source)],
+        ["--help"],
+    ]
+
+    def answers() -> list[tuple]:
+        results = []
+        for args in cases:
+            out.unlink(missing_ok=True)
+            code = main(list(args))
+            captured = capsys.readouterr()
+            written = out.read_text() if out.exists() else None
+            results.append((code, captured.out, captured.err, written))
+        return results
+
+    plain = answers()
+    monkeypatch.setattr(plain_params, "install", lambda params: None)
+    assert answers() == plain
+    code = "import sys; from dsv4cli.app import main; main(sys.argv[1:]); assert 'pydantic' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code, "pack", "--list", "--no-git", "--budget", "9", "-o",
+                             str(tmp_path / "o"), str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from dsv4cli.errors import EXIT_USAGE, CliError
+from dsv4cli.plain_params import PlainCommand
 
 DEFAULT_MODEL = "mini"
 TOP_FILES = 10
@@ -23,7 +24,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("pack")
+    @app.command("pack", cls=PlainCommand)  # no pydantic for plain values
     def pack(
         sources: list[str] = typer.Argument(None, metavar="SOURCE",
                                             help="Directories, files or '-' (stdin). Default: '.'"),
