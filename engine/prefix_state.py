@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +70,11 @@ def _tensor(loaded: LoadedSegment, name: str) -> torch.Tensor:
         raise SegmentError(f"tensor {name}: shape {spec.shape} does not match {spec.nbytes} bytes")
     if count == 0:
         return torch.empty(spec.shape, dtype=dtype)
-    return torch.frombuffer(loaded.tensor_bytes(spec), dtype=torch.uint8).view(dtype).view(spec.shape)
+    with warnings.catch_warnings():
+        # The mapping is read-only and torch warns about that; the tensor is only read.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(loaded.tensor_bytes(spec), dtype=torch.uint8)
+    return raw.view(dtype).view(spec.shape)
 
 
 class StateAdapter(Protocol):
