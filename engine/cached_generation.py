@@ -13,6 +13,12 @@ runs from this call to the first token (lookup, load and prefill included).
 
 `dsv4 chat` calls `chat()` once per turn with the whole conversation: each turn restores
 what earlier turns published and publishes its own prompt.
+
+What `loaded` must offer (engine.runtime.LoadedModel does; a DeepSeek-V4 wrapper will too):
+`model` (an engine.llama.Llama or engine.deepseek_v4.model.Transformer: new_state() and
+model(ids, state, output="none")), `tokenizer` (digest, chat_template, render_chat),
+`path` (GGUF file or checkpoint directory, hashed for the fingerprint), `mode`, `name`,
+`context_length`, and `stream(ids, params, state=, cached_tokens=, prefill_chunk=, cancel=)`.
 """
 
 from __future__ import annotations
