@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ingest.budget import Candidate, Reduction, fit
 from ingest.errors import IngestError, NotAGitRepository, SourceNotFound
@@ -18,6 +19,8 @@ from ingest.types import Document, ReadOptions, SelectOptions, Selection
 
 if TYPE_CHECKING:
     from ingest.pack_cache import CachedOutput
+
+T = TypeVar("T")
 
 __all__ = ["pack", "list_paths", "PackOptions", "PackResult", "FileReport", "Reduction", "IngestError"]
 
@@ -101,12 +104,13 @@ def pack(
     if options.budget is not None and tokenizer is None:
         raise IngestError("a token budget needs a tokenizer", "pass the model whose tokenizer counts")
     units, warnings = _units(sources, options, cache_dir)
-    attributes = _attributes(units, options)
+    # `git check-attr` runs while this thread stats every file for the cache key
+    pending_attributes = _in_background(_attributes, units, options)
     cache, key, newest_change_ns = None, None, 0
     if cache_dir is not None:
         from ingest.pack_cache import PackCache
 
-        material, newest_change_ns = _cache_material(units, attributes, options, tokenizer, stdin_text)
+        material, newest_change_ns = _cache_material(units, pending_attributes, options, tokenizer, stdin_text)
         if material is not None:
             cache = PackCache(cache_dir)
             key = cache.key(material)
@@ -114,6 +118,7 @@ def pack(
             if hit is not None:
                 return _result_from_cache(*hit, warnings)
 
+    attributes = pending_attributes()
     read_warnings: list[str] = []
     documents = _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings)
     documents, duplicates = _dedupe_documents(documents)
@@ -178,9 +183,10 @@ def _pack_documents(fmt, documents: list[Document], options: PackOptions, tokeni
 # ------------------------------------------------------------------------------ whole-pack cache
 
 
-def _cache_material(units: list[_Unit], attributes: list, options: PackOptions, tokenizer,
+def _cache_material(units: list[_Unit], attributes: Callable[[], list], options: PackOptions, tokenizer,
                     stdin_text: str | None) -> tuple[dict | None, int]:
-    """What the output depends on, for the whole-pack cache key; None when it cannot be known."""
+    """What the output depends on, for the whole-pack cache key; None when it cannot be known.
+    `attributes()` gives the .gitattributes marks per unit (asked for after the stats)."""
     import dataclasses
     import hashlib
 
@@ -188,24 +194,27 @@ def _cache_material(units: list[_Unit], attributes: list, options: PackOptions, 
 
     newest = 0
     described = []
-    for unit, marks in zip(units, attributes):
+    for unit in units:
         if unit.selection is None:
             text = stdin_text or ""
             described.append({"stdin": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()})
             continue
-        root = str(unit.selection.root)
+        root = os.path.join(unit.selection.root, "")
         fingerprints = []
         for path in unit.ordered:
-            fingerprint = file_fingerprint(os.path.join(root, path))
+            fingerprint = file_fingerprint(root + path)
             if fingerprint is None:
                 return None, 0
             newest = max(newest, fingerprint[2], fingerprint[3])
             fingerprints.append(fingerprint)
         described.append({
-            "root": root, "prefix": unit.prefix, "document_mode": unit.document_mode, "paths": unit.ordered,
-            "submodules": sorted(unit.selection.submodules), "fingerprints": fingerprints,
-            "marks": [marks.reason(p) for p in unit.ordered] if marks is not None else None,
+            "root": str(unit.selection.root), "prefix": unit.prefix, "document_mode": unit.document_mode,
+            "paths": unit.ordered, "submodules": sorted(unit.selection.submodules), "fingerprints": fingerprints,
         })
+    marks_per_unit = attributes()
+    for entry, unit, marks in zip(described, units, marks_per_unit):
+        if unit.selection is not None:
+            entry["marks"] = [marks.reason(p) for p in unit.ordered] if marks is not None else None
     material = {
         "format": options.format, "budget": options.budget,
         "select": dataclasses.asdict(options.select), "read": dataclasses.asdict(options.read),
@@ -213,6 +222,31 @@ def _cache_material(units: list[_Unit], attributes: list, options: PackOptions, 
         "units": described,
     }
     return material, newest
+
+
+def _in_background(function: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """Start `function(*args)` on a thread; the returned callable waits for its result (or
+    raises its exception)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="dsv4-ingest", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome.pop("error")
+        return outcome["value"]
+
+    return result
 
 
 def _cache_meta(result: PackResult, read_warnings: list[str]) -> dict:

@@ -165,10 +165,14 @@ def _check_attr(directory: Path, paths: list[str]) -> dict[str, dict[str, str]]:
             raise IngestError(f"git check-attr failed in {directory}: {error.stderr}") from error
     assert isinstance(output, bytes)
     fields = output.split(b"\0")
+    count = (len(fields) - 1) // 3 * 3
+    names, attributes, values = fields[0:count:3], fields[1:count:3], fields[2:count:3]
     states: dict[str, dict[str, str]] = {}
-    for index in range(0, len(fields) - 2, 3):
-        path, attribute, value = (os.fsdecode(part) for part in fields[index:index + 3])
-        states.setdefault(path, {})[attribute] = value
+    # nearly every answer is "unspecified", which _decide reads as absent: decode only the rest
+    for index, value in enumerate(values):
+        if value != b"unspecified":
+            path = os.fsdecode(names[index])
+            states.setdefault(path, {})[os.fsdecode(attributes[index])] = os.fsdecode(value)
     return states
 
 

@@ -238,23 +238,29 @@ def _git_collect(directory: Path, prefix: str, options: SelectOptions, listing: 
                  warnings: list[str]) -> None:
     """Add what git selects in `directory` (a work tree, or a subdirectory of one), with
     paths prefixed by `prefix`; descend into submodules when asked."""
-    staged = _git_z(directory, ["ls-files", "-z", "--stage", "--cached"])
-    others = _git_z(directory, ["ls-files", "-z", "--others", "--exclude-standard"], warnings)
-    repositories: list[str] = []
-    for record in staged:
-        meta, _, path = record.partition("\t")
-        mode = meta.split(" ", 1)[0]
-        if mode == GITLINK_MODE:
-            repositories.append(path)
-        elif os.path.lexists(directory / path):   # tracked but deleted: skipped
+    # One call lists both: `-t` tags untracked entries "? path" and index entries with a
+    # letter, "H <mode> <object> <stage>\tpath" (S for skip-worktree, M for unmerged, ...).
+    records = _git_z(directory, ["ls-files", "-z", "-t", "--stage", "--cached", "--others", "--exclude-standard"],
+                     warnings)
+    gitlinks: list[str] = []
+    nested_repositories: list[str] = []
+    base = os.path.join(directory, "")
+    lexists = os.path.lexists
+    for record in records:
+        if record.startswith("? "):
+            path = record[2:]
+            if path.endswith("/"):     # an untracked nested repository: git does not look inside
+                nested_repositories.append(path.rstrip("/"))
+            else:
+                listing.files.append(prefix + path)
+                listing.untracked.add(prefix + path)
+            continue
+        meta, _, path = record[2:].partition("\t")
+        if meta.startswith(GITLINK_MODE + " "):
+            gitlinks.append(path)
+        elif lexists(base + path):     # tracked but deleted: skipped
             listing.files.append(prefix + path)
-    for path in others:
-        if path.endswith("/"):     # an untracked nested repository: git does not look inside
-            repositories.append(path.rstrip("/"))
-        else:
-            listing.files.append(prefix + path)
-            listing.untracked.add(prefix + path)
-    for path in dict.fromkeys(repositories):
+    for path in dict.fromkeys(gitlinks + nested_repositories):
         nested = directory / path
         if not options.recurse_submodules:
             listing.submodules.append(prefix + path)
