@@ -65,19 +65,17 @@ class Attention(nn.Module):
         self.wqkv = wqkv  # Q, K and V rows stacked: one matmul instead of three
         self.wo = wo
 
-    def forward(self, h: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
-        """h [B, T, E] (normed); rope [T, H + Hkv, D/2] complex (query rows pre-scaled by
+    def forward(self, h: Tensor, B: int, T: int, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+        """h [B*T, E] (normed); rope [T, H + Hkv, D/2] complex (query rows pre-scaled by
         1/sqrt(D)); caches: keys [B, Hkv, D, max_len], values [B, Hkv, max_len, D], written
-        at start..start+T. Returns [B, T, E]."""
-        B, T, _ = h.shape
+        at start..start+T. Returns [B*T, E]."""
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(h)
-        qk = qkv[..., : (H + Hkv) * D].float().view(B, T, H + Hkv, D)
-        qk = _apply_rope(qk, rope, self.interleaved)
+        qk = _apply_rope(qkv[:, : (H + Hkv) * D].float().view(B, T, H + Hkv, D), rope, self.interleaved)
         qk_cached = qk.to(k_cache.dtype)
         end = start + T
         k_cache[..., start:end] = qk_cached[:, :, H:].permute(0, 2, 3, 1)
-        v_cache[:, :, start:end] = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+        v_cache[:, :, start:end] = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
         if T == 1:
             out = _decode_attention(qk_cached[:, :, :H].transpose(1, 2), k_cache[..., :end], v_cache[:, :, :end])
         else:
@@ -92,7 +90,7 @@ class Attention(nn.Module):
                 # 0..start + i. SDPA's bf16 kernel is 2x slower with a mask than fp32 is.
                 mask = torch.arange(end).unsqueeze(0) <= (torch.arange(T) + start).unsqueeze(1)
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=1.0, enable_gqa=True).to(q.dtype)
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+        return self.wo(out.transpose(1, 2).reshape(B * T, H * D))
 
 
 def _apply_rope(x: Tensor, rope: Tensor, interleaved: bool) -> Tensor:
@@ -130,7 +128,7 @@ class FeedForward(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         # The gate product in fp32: one bf16 rounding (into w_down) instead of three.
         gu = self.w_gate_up(h).float()
-        gate, up = gu[..., : self.hidden], gu[..., self.hidden :]
+        gate, up = gu[:, : self.hidden], gu[:, self.hidden :]
         return self.w_down(F.silu(gate) * up)
 
 
@@ -139,9 +137,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
-    def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, k_cache, v_cache, start)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: Tensor, B: int, T: int, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
+        """x [B*T, E] fp32 residual stream, updated in place."""
+        x += self.attn(self.attn_norm(x), B, T, rope, k_cache, v_cache, start)
+        x += self.ffn(self.ffn_norm(x))
+        return x
 
 
 class Llama(nn.Module):
@@ -181,12 +181,14 @@ class Llama(nn.Module):
         if start + T > state.max_len:
             raise ValueError(f"{start + T} tokens exceed the state's {state.max_len}")
         rope = self.rope[start : start + T].unsqueeze(1) * self.head_scale  # [T, H + Hkv, D/2]
-        x = self.embedding.rows(tokens)
+        # Activations stay 2-D [B*T, E]: the quantised kernels take them without reshapes.
+        x = self.embedding.rows(tokens.reshape(-1))
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, state.k[i], state.v[i], start)
+            x = block(x, B, T, rope, state.k[i], state.v[i], start)
         if output == "none":
             state.length = start + T
             return None
+        x = x.view(B, T, -1)
         if output == "last":
             x = x[:, -1:]
         h = self.norm(x)

@@ -104,6 +104,8 @@ class Int8Linear(QuantLinear):
         return cls(*int8_quantize_levels(weight, levels), compute_dtype=compute_dtype, levels=levels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and self.levels == 1:  # the model's own calls: no reshapes per token
+            return torch.ops.aten._weight_int8pack_mm(x.to(self.compute_dtype), self.q, self.scale)
         lead = x.shape[:-1]
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.compute_dtype), self.q, self.scale)
         if self.levels == 2:
@@ -209,6 +211,8 @@ class Int4Linear(QuantLinear):
         return cls(*int4_quantize(weight, group), group=group, compute_dtype=compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # the model's own calls: no reshapes per token
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.compute_dtype), self.packed, self.group, self.scale_zeros)
         lead = x.shape[:-1]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, self.in_features).to(self.compute_dtype), self.packed, self.group, self.scale_zeros
