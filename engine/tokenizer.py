@@ -258,6 +258,11 @@ class Tokenizer:
             special_tokens=table.special_tokens,
         )
         self._has_extra_bytes = bool(table.extra_bytes)
+        # bytes the vocabulary lacks: ASCII ones as characters, the rest as byte values
+        self._missing_ascii = tuple(chr(b) for b in table.extra_bytes if b < 0x80)
+        self._missing_high = tuple(b for b in table.extra_bytes if b >= 0x80)
+        core = getattr(self._encoding, "_core_bpe", None)
+        self._count_buffer = getattr(core, "encode_to_tiktoken_buffer", None)   # tiktoken >= 0.7
         # Earlier stages of a Hugging Face pre-tokenizer Sequence; tiktoken runs the last one.
         self._presplit = _Presplitter(presplit_patterns) if presplit_patterns else None
         self._special_id_set = frozenset(table.special_tokens.values())
@@ -406,10 +411,40 @@ class Tokenizer:
         return [self._drop_missing_bytes(ids) for ids in batches]
 
     def count(self, text: str) -> int:
+        """len(self.encode(text)), without building the list of ids when it can be avoided:
+        tiktoken fills a buffer with the GIL released and only its length is read."""
+        if self._presplit is None and self._count_buffer is not None and not self._may_drop(text):
+            try:
+                return len(memoryview(self._count_buffer(text, _NO_SPECIALS))) // _ID_BYTES
+            except (UnicodeEncodeError, ValueError):
+                pass        # lone surrogates: the full path replaces them as encode does
         return len(self.encode(text))
 
     def count_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[int]:
-        return [len(ids) for ids in self.encode_batch(texts, num_threads=num_threads)]
+        texts = list(texts)
+        if num_threads <= 1 or len(texts) <= 1:
+            return [self.count(t) for t in texts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # one task per thread over an interleaved share of the texts, not one per text
+        workers = min(num_threads, len(texts))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            shares = list(pool.map(lambda k: [self.count(t) for t in texts[k::workers]], range(workers)))
+        counts = [0] * len(texts)
+        for k, share in enumerate(shares):
+            counts[k::workers] = share
+        return counts
+
+    def _may_drop(self, text: str) -> bool:
+        """Whether the UTF-8 of `text` holds a byte the vocabulary lacks (its id would be dropped).
+        Cheap: one memchr-like scan per missing byte, UTF-8 encoded only for non-ASCII text."""
+        for char in self._missing_ascii:
+            if char in text:
+                return True
+        if not self._missing_high or text.isascii():
+            return False
+        data = text.encode("utf-8", "surrogatepass")
+        return any(byte in data for byte in self._missing_high)
 
     def _drop_missing_bytes(self, ids: list[int]) -> list[int]:
         # Bytes the vocabulary lacks got ranks past its end; like llama.cpp, leave them out.
@@ -497,6 +532,10 @@ class Tokenizer:
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+
+_NO_SPECIALS: frozenset[str] = frozenset()   # encode() with no special allowed == encode_ordinary()
+_ID_BYTES = 4                                # tiktoken's buffer holds uint32 ids
 
 
 class _Presplitter:
