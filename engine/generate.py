@@ -111,7 +111,7 @@ def stream(
     n_generated = 0
     first_token_at: float | None = None
     reason = "length"
-    while True:
+    while params.max_tokens > 0:
         token = sampler(logits[0, -1], torch.tensor(history[-REPETITION_WINDOW:]) if params.repetition_penalty != 1.0 else None)
         if first_token_at is None:
             first_token_at = time.perf_counter()

@@ -23,7 +23,7 @@ from torch import Tensor
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile, GGUFTensor
 from engine.llama import Attention, Block, FeedForward, Llama, LlamaArgs, RMSNorm
-from engine.quant import DenseLinear, Int4Linear, Int8Linear, QuantLinear, int8_quantize_levels, q4_1_unpack, q8_0_dequantize, q8_0_unpack
+from engine.quant import DenseLinear, Int4Linear, Int8Linear, QuantLinear, int4_quantize, int8_quantize_levels, q4_1_unpack, q8_0_dequantize, q8_0_unpack
 
 MODES = ("fp32", "bf16", "int8", "int4")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -150,8 +150,6 @@ def _int8_parts(t: GGUFTensor, levels: int = 1) -> tuple[Tensor, Tensor]:
 def _int4_parts(t: GGUFTensor) -> tuple[Tensor, Tensor, Tensor]:
     if t.ggml_type == GGMLQuantizationType.Q4_1:
         return q4_1_unpack(_raw(t))  # exact: Q4_1 is the kernel's format with another zero point
-    from engine.quant import int4_quantize
-
     return int4_quantize(dequantize_to(t, torch.float32))
 
 

@@ -134,6 +134,8 @@ def test_stop_string_split_across_tokens(tiny, prompt):
 def test_max_tokens_finishes_with_length(tiny, prompt):
     done = run(tiny, prompt, SamplingParams(max_tokens=3))[2]
     assert done.finish_reason == "length" and done.usage.completion_tokens == 3
+    _, deltas, done = run(tiny, prompt, SamplingParams(max_tokens=0))
+    assert not deltas and done.finish_reason == "length" and done.usage.completion_tokens == 0
 
 
 def test_context_overflow_is_an_error_not_a_truncation(tiny):

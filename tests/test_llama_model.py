@@ -232,6 +232,19 @@ def test_strict_loader_names_the_problem(tiny_files, tmp_path, change, message):
         build_llama(GGUFFile(bad), "fp32")
 
 
+def test_untied_head_and_f16_weights(tmp_path):
+    path = write_tiny_llama_gguf(tmp_path / "untied.gguf", quant="F16", tied=False, **TINY)
+    gguf_file = GGUFFile(path)
+    assert "output.weight" in gguf_file.tensors
+    tokens = _tokens(24, seed=9)
+    reference = build_llama(gguf_file, "fp32")
+    expected = hf_reference_logits(tiny_llama_weights(**TINY, tied=False), tokens, n_head=TINY["n_head"], n_head_kv=TINY["n_head_kv"])
+    torch.testing.assert_close(reference(tokens, reference.new_state()), expected, atol=0.05, rtol=0.01)  # F16 weights
+    int8 = build_llama(gguf_file, "int8")  # the untied head as a coarse pass + exact rows
+    logits = int8(tokens, int8.new_state())
+    assert (logits - expected).abs().max() / expected.abs().max() < 0.04
+
+
 def test_architecture_comes_from_metadata_not_the_file_name(tiny_files, tmp_path):
     renamed = tmp_path / "gpt2-model.gguf"
     renamed.write_bytes(tiny_files["F32"].read_bytes())
