@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ingest.budget import Candidate, Reduction, fit
@@ -119,28 +119,42 @@ def pack(
                 return _result_from_cache(*hit, warnings)
 
     attributes = pending_attributes()
+    from ingest.tokens import TokenCounter
+
+    counter = TokenCounter(tokenizer, cache_dir) if tokenizer is not None else None
+    stream = counter.stream() if counter is not None else None
     read_warnings: list[str] = []
-    documents = _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings)
-    documents, duplicates = _dedupe_documents(documents)
+    duplicates: list[str] = []
+    documents: list[Document] = []
+    full_blocks: list[str] = []
+    seen: set[str] = set()
+    # each block goes to the tokenizer's threads as soon as its file is read
+    for document in _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings):
+        if document.path in seen:
+            duplicates.append(f"{document.path} is named by more than one SOURCE; packed once")
+            continue
+        seen.add(document.path)
+        block = file_block(fmt, document.path, document.text) if document.text is not None else ""
+        documents.append(document)
+        full_blocks.append(block)
+        if stream is not None and block:
+            stream.add(block)
     read_warnings += duplicates
-    result = _pack_documents(fmt, documents, options, tokenizer, cache_dir)
+    block_tokens = [0] * len(documents)
+    if stream is not None:
+        counted = iter(stream.finish())
+        block_tokens = [next(counted) if block else 0 for block in full_blocks]
+    result = _pack_documents(fmt, documents, full_blocks, block_tokens, options, counter)
     result.warnings = warnings + read_warnings
     if cache is not None and key is not None:
         cache.store(key, _cache_meta(result, read_warnings), result.text, newest_change_ns)
     return result
 
 
-def _pack_documents(fmt, documents: list[Document], options: PackOptions, tokenizer, cache_dir) -> PackResult:
-    """Render, count and fit documents that are already read and in pack order."""
-    from ingest.tokens import TokenCounter
-
-    counter = TokenCounter(tokenizer, cache_dir) if tokenizer is not None else None
-    full_blocks = [file_block(fmt, d.path, d.text) if d.text is not None else "" for d in documents]
-    block_tokens = [0] * len(documents)
-    if counter is not None:
-        to_count = [(i, b) for i, b in enumerate(full_blocks) if b]
-        for (i, _), n in zip(to_count, counter.count([b for _, b in to_count])):
-            block_tokens[i] = n
+def _pack_documents(fmt, documents: list[Document], full_blocks: list[str], block_tokens: list[int],
+                    options: PackOptions, counter) -> PackResult:
+    """Fit and lay out documents that are already read, rendered and counted, in pack order."""
+    tokenizer = counter.tokenizer if counter is not None else None
     statuses = ["full" if d.text is not None else "listed" for d in documents]
     reasons = [d.reason for d in documents]
     outlines: dict[int, str] = {}
@@ -345,19 +359,6 @@ def _dedupe(paths: list[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-def _dedupe_documents(documents: list[Document]) -> tuple[list[Document], list[str]]:
-    seen: set[str] = set()
-    kept: list[Document] = []
-    warnings: list[str] = []
-    for document in documents:
-        if document.path in seen:
-            warnings.append(f"{document.path} is named by more than one SOURCE; packed once")
-            continue
-        seen.add(document.path)
-        kept.append(document)
-    return kept, warnings
-
-
 # ------------------------------------------------------------------------------ reading
 
 
@@ -370,14 +371,14 @@ def _attributes(units: list[_Unit], options: PackOptions) -> list:
 
 
 def _read_all(units: list[_Unit], attributes: list, options: PackOptions, cache_dir: Path | None,
-              stdin_text: str | None, warnings: list[str]) -> list[Document]:
+              stdin_text: str | None, warnings: list[str]) -> Iterator[Document]:
+    """The documents in pack order, one at a time (their warnings go to `warnings`)."""
     from ingest.read import read_document
 
-    documents: list[Document] = []
     for unit, unit_attributes in zip(units, attributes):
         if unit.selection is None:
             text = stdin_text if stdin_text is not None else ""
-            documents.append(Document(path=STDIN_PATH, text=text, size=len(text.encode("utf-8", "replace"))))
+            yield Document(path=STDIN_PATH, text=text, size=len(text.encode("utf-8", "replace")))
             continue
         selection = unit.selection
         submodules = set(selection.submodules)
@@ -394,8 +395,7 @@ def _read_all(units: list[_Unit], attributes: list, options: PackOptions, cache_
         for document in map(read_one, unit.ordered):
             warnings.extend(document.warnings)
             document.path = unit.prefix + document.path
-            documents.append(document)
-    return documents
+            yield document
 
 
 def _converter(cache_dir: Path | None, document_mode: bool):

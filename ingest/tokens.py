@@ -10,6 +10,9 @@ thousands of entries.
 from __future__ import annotations
 
 import hashlib
+import os
+import queue
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -82,6 +85,10 @@ class TokenCounter:
     def count_one(self, block: str) -> int:
         return self.count([block])[0]
 
+    def stream(self) -> CountingStream:
+        """Count blocks while the caller is still producing them (see CountingStream)."""
+        return CountingStream(self)
+
     def save(self) -> None:
         if self._path is None or not self._dirty:
             return
@@ -97,3 +104,75 @@ class TokenCounter:
             counts = keep
         save_json(self._path, {"version": _FORMAT_VERSION, "digest": str(self.tokenizer.digest), "counts": counts})
         self._dirty = False
+
+
+def _worker_count() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+class CountingStream:
+    """Blocks are counted on worker threads as they are added, so tokenizing overlaps reading
+    and rendering (the tokenizer releases the GIL while it encodes). The counts are exactly
+    those of `TokenCounter.count` over the same blocks: cached blocks are never tokenized,
+    and a block that occurs twice is tokenized once. Workers start with the first block that
+    must be tokenized, so a fully cached pack never loads a lazy tokenizer."""
+
+    def __init__(self, counter: TokenCounter):
+        self._counter = counter
+        self._keys: list[str] = []
+        self._queued: dict[str, str] = {}          # key -> block, what the workers were given
+        self._counted: dict[str, int] = {}
+        self._errors: list[BaseException] = []
+        self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def add(self, block: str) -> None:
+        key = block_key(block)
+        self._keys.append(key)
+        if key in self._counter._counts or key in self._queued:
+            return
+        self._queued[key] = block
+        if not self._threads:
+            for index in range(_worker_count()):
+                thread = threading.Thread(target=self._work, name=f"dsv4-count-{index}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._queue.put((key, block))
+
+    def _work(self) -> None:
+        tokenizer = self._counter.tokenizer
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._errors:
+                continue                    # drain: the first error is raised by finish()
+            key, block = item
+            try:
+                counted = tokenizer.count_batch([block])
+                if len(counted) != 1:
+                    raise RuntimeError("tokenizer.count_batch returned the wrong number of counts")
+                self._counted[key] = int(counted[0])
+            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+                self._errors.append(error)
+
+    def finish(self) -> list[int]:
+        """The count of every added block, in order; raises what a worker raised."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+        counter = self._counter
+        counter._used.update(self._keys)
+        if self._queued:
+            counter._counts.update(self._counted)
+            counter.tokenized_blocks += len(self._queued)
+            counter.tokenized_chars += sum(len(b) for b in self._queued.values())
+            counter._dirty = True
+        return [counter._counts[k] for k in self._keys]

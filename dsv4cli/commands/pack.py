@@ -167,13 +167,18 @@ class _LazyTokenizer:
     """Name and digest now; the tokenizer itself at the first count."""
 
     def __init__(self, name: str, digest: str, load):
+        import threading
+
         self.name, self.digest = name, digest
         self._load = load
         self._tokenizer = None
+        self._lock = threading.Lock()      # ingest counts on several threads: load once
 
     def _real(self):
         if self._tokenizer is None:
-            self._tokenizer = self._load()
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._load()
         return self._tokenizer
 
     def count_batch(self, texts):
