@@ -167,16 +167,17 @@ def stream(
     per_token = max(1.0, adapter.bytes_per_token())
     segment_tokens = max(chunk, int(settings.segment_bytes / per_token) // chunk * chunk)
     step = max(chunk, min(prefill_chunk, segment_tokens) // chunk * chunk)
+    ends = segment_ends(restored, target, chunk, segment_tokens, adapter.partial_ok)
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     prefill_started = time.perf_counter()
     position = segment_start = restored
     while position < target:
         if cancel is not None and cancel():
             break  # the shared loop sees the same cancel and reports it
-        high = min(target, position + step)
+        high = min(position + step, next(end for end in ends if end > position))
         loaded.model(ids[:, position:high], state, output="none")
         position = high
-        if writable and (position - segment_start >= segment_tokens or position == target):
+        if writable and position in ends:
             writable = _publish(cache, adapter, state, segment_start, position, prompt_ids, hashes, report)
             segment_start = position
         yield PrefillProgress(done=position, total=n_prompt)
@@ -184,6 +185,20 @@ def stream(
     report.prefilled_tokens = n_prompt - restored
     tail = loaded.stream(prompt_ids, params, state=state, cached_tokens=state.length, prefill_chunk=prefill_chunk, cancel=cancel)
     yield from _finish(tail, report, started, time.perf_counter(), own_prefill_s)
+
+
+def segment_ends(start: int, target: int, chunk: int, segment_tokens: int, partial_ok: bool) -> list[int]:
+    """Where segments written while prefilling [start, target) end: every `segment_tokens`,
+    and at `target`. A state that can only be restored at a segment's end (DeepSeek-V4)
+    also gets ends at target - chunk * 2^k, so a prompt that diverges d tokens before the
+    end (a new question after the same pack) still reuses all but about 2d tokens."""
+    ends = set(range(start + segment_tokens, target, segment_tokens)) | {target}
+    if not partial_ok:
+        back = chunk
+        while target - back > start:
+            ends.add(target - back)
+            back *= 2
+    return sorted(end for end in ends if start < end <= target)
 
 
 def _restore(cache: PrefixCache, adapter: StateAdapter, state: Any, prompt_ids: list[int], hashes: list[str], report: CacheReport) -> None:

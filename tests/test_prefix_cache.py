@@ -311,3 +311,15 @@ def test_real_mini_warm_equals_cold():
     assert cold.extra["cache"]["reused_tokens"] == 0
     assert warm.extra["cache"]["reused_tokens"] == (len(ids) - 1) // 256 * 256 > 0
     assert warm.text == cold.text
+
+
+def test_segment_ends():
+    from engine.cached_generation import segment_ends
+
+    # Per-token state: big segments, the last one at the final chunk boundary.
+    assert segment_ends(0, 1024, 32, 256, partial_ok=True) == [256, 512, 768, 1024]
+    assert segment_ends(224, 600, 32, 256, partial_ok=True) == [480, 600]
+    # Snapshot state: also ends 1, 2, 4, 8 ... chunks before the end, so a new question
+    # after the same pack loses little.
+    assert segment_ends(0, 1024, 32, 4096, partial_ok=False) == [512, 768, 896, 960, 992, 1024]
+    assert segment_ends(1000, 1000, 32, 256, partial_ok=False) == []
