@@ -323,3 +323,32 @@ def test_segment_ends():
     # after the same pack loses little.
     assert segment_ends(0, 1024, 32, 4096, partial_ok=False) == [512, 768, 896, 960, 992, 1024]
     assert segment_ends(1000, 1000, 32, 256, partial_ok=False) == []
+
+
+@pytest.mark.slow
+def test_deepseek_v4_through_cached_generation(tmp_path):
+    """The whole path with the tiny DeepSeek-V4 checkpoint: warm == cold greedy answer,
+    and a changed ending (a new question) still reuses most of the prompt."""
+    from dsv4_tiny import write_tiny
+
+    from engine.deepseek_v4.weights import load_checkpoint
+    from engine.runtime import LoadedModel
+    from engine.tokenizer import Tokenizer
+    from tests.tinymodels import write_tiny_hf_tokenizer
+
+    checkpoint = write_tiny(tmp_path / "ckpt", "fp32", index_topk=2)
+    model = load_checkpoint(checkpoint).model
+    tokenizer = Tokenizer.from_hf_dir(write_tiny_hf_tokenizer(tmp_path / "tok"))
+    loaded = LoadedModel(model, tokenizer, name="dsv4-tiny", arch="deepseek_v4", mode="fp32", path=checkpoint)
+    settings = CacheSettings(chunk_tokens=16, segment_bytes=1 << 20)
+    prompt = torch.randint(3, 512, (150,), generator=torch.Generator().manual_seed(7)).tolist()
+    params = SamplingParams(max_tokens=6)
+    plain = list(loaded.stream(prompt, params))[-1]
+    cold = list(cached_generation.stream(loaded, prompt, params, settings=settings))[-1]
+    warm = list(cached_generation.stream(loaded, prompt, params, settings=settings))[-1]
+    assert cold.extra["cache"]["reused_tokens"] == 0 and cold.extra["cache"]["segments_written"] >= 3
+    assert warm.extra["cache"]["reused_tokens"] == 144 and warm.text == cold.text == plain.text
+    new_question = prompt[:130] + [5, 6, 7, 8, 9, 10]
+    done = list(cached_generation.stream(loaded, new_question, params, settings=settings))[-1]
+    assert done.extra["cache"]["reused_tokens"] == 128  # the segment ending 1 chunk early
+    assert done.text == list(loaded.stream(new_question, params))[-1].text
