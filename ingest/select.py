@@ -238,16 +238,20 @@ def _git_collect(directory: Path, prefix: str, options: SelectOptions, listing: 
                  warnings: list[str]) -> None:
     """Add what git selects in `directory` (a work tree, or a subdirectory of one), with
     paths prefixed by `prefix`; descend into submodules when asked."""
-    # One call lists both: `-t` tags untracked entries "? path" and index entries with a
-    # letter, "H <mode> <object> <stage>\tpath" (S for skip-worktree, M for unmerged, ...).
-    records = _git_z(directory, ["ls-files", "-z", "-t", "--stage", "--cached", "--others", "--exclude-standard"],
-                     warnings)
+    # One call lists everything: `-t` tags untracked entries "? path", index entries
+    # "H <mode> <object> <stage>\tpath" (S for skip-worktree, M for unmerged, ...), and, after
+    # its index entry, "R ..." for a tracked file missing from the work tree (git's own lstat,
+    # so no second stat of every file here). git never stats skip-worktree entries: we do.
+    records = _git_z(directory, ["ls-files", "-z", "-t", "--stage", "--cached", "--others", "--deleted",
+                                 "--exclude-standard"], warnings)
     gitlinks: list[str] = []
     nested_repositories: list[str] = []
+    tracked: list[str] = []
+    deleted: set[str] = set()
     base = os.path.join(directory, "")
-    lexists = os.path.lexists
     for record in records:
-        if record.startswith("? "):
+        tag = record[:2]
+        if tag == "? ":
             path = record[2:]
             if path.endswith("/"):     # an untracked nested repository: git does not look inside
                 nested_repositories.append(path.rstrip("/"))
@@ -257,9 +261,13 @@ def _git_collect(directory: Path, prefix: str, options: SelectOptions, listing: 
             continue
         meta, _, path = record[2:].partition("\t")
         if meta.startswith(GITLINK_MODE + " "):
-            gitlinks.append(path)
-        elif lexists(base + path):     # tracked but deleted: skipped
-            listing.files.append(prefix + path)
+            if tag != "R ":
+                gitlinks.append(path)
+        elif tag == "R ":
+            deleted.add(path)
+        elif tag != "S " or os.path.lexists(base + path):
+            tracked.append(path)
+    listing.files.extend(prefix + path for path in tracked if path not in deleted)
     for path in dict.fromkeys(gitlinks + nested_repositories):
         nested = directory / path
         if not options.recurse_submodules:

@@ -106,6 +106,9 @@ class TokenCounter:
         self._dirty = False
 
 
+_BATCH_CHARS = 64 * 1024
+
+
 def _worker_count() -> int:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -127,8 +130,10 @@ class CountingStream:
         self._queued: dict[str, str] = {}          # key -> block, what the workers were given
         self._counted: dict[str, int] = {}
         self._errors: list[BaseException] = []
-        self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[tuple[str, str]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._batch: list[tuple[str, str]] = []
+        self._batch_chars = 0
 
     def add(self, block: str) -> None:
         key = block_key(block)
@@ -141,27 +146,38 @@ class CountingStream:
                 thread = threading.Thread(target=self._work, name=f"dsv4-count-{index}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
-        self._queue.put((key, block))
+        # handed over in batches: every hand-over wakes a thread, which costs more than a
+        # small file's tokens
+        self._batch.append((key, block))
+        self._batch_chars += len(block)
+        if self._batch_chars >= _BATCH_CHARS:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_chars = [], 0
 
     def _work(self) -> None:
         tokenizer = self._counter.tokenizer
         while True:
-            item = self._queue.get()
-            if item is None:
+            batch = self._queue.get()
+            if batch is None:
                 return
-            if self._errors:
-                continue                    # drain: the first error is raised by finish()
-            key, block = item
-            try:
-                counted = tokenizer.count_batch([block])
-                if len(counted) != 1:
-                    raise RuntimeError("tokenizer.count_batch returned the wrong number of counts")
-                self._counted[key] = int(counted[0])
-            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
-                self._errors.append(error)
+            for key, block in batch:
+                if self._errors:
+                    break                   # drain: the first error is raised by finish()
+                try:
+                    counted = tokenizer.count_batch([block])
+                    if len(counted) != 1:
+                        raise RuntimeError("tokenizer.count_batch returned the wrong number of counts")
+                    self._counted[key] = int(counted[0])
+                except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+                    self._errors.append(error)
 
     def finish(self) -> list[int]:
         """The count of every added block, in order; raises what a worker raised."""
+        self._hand_over()
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:

@@ -229,3 +229,41 @@ def test_a_cached_pack_with_lone_surrogates_is_written_like_a_fresh_one(tmp_path
     second.write_output(sinks[1])
     assert sinks[0].getvalue() == sinks[1].getvalue() == first.text.encode("utf-8", "surrogateescape")
     assert b"\xe9\xff" in sinks[1].getvalue()
+
+
+def test_counting_stream_matches_count_and_tokenizes_each_block_once(tmp_path, tokenizer):
+    from ingest.tokens import TokenCounter
+
+    rng = random.Random("stream")
+    blocks = [_random_text(rng, 200) + "\n" for _ in range(300)]
+    blocks += blocks[:40] + ["x" * 200_000]          # repeats, and one block over a batch
+    expected = TokenCounter(tokenizer).count(blocks)
+    counting = CountingTokenizer(tokenizer)
+    counter = TokenCounter(counting, tmp_path)
+    stream = counter.stream()
+    for block in blocks:
+        stream.add(block)
+    assert stream.finish() == expected
+    assert sorted(counting.seen) == sorted(set(blocks)) and counter.tokenized_blocks == len(set(blocks))
+    counter.save()
+    again = CountingTokenizer(tokenizer)
+    cached = TokenCounter(again, tmp_path).stream()
+    for block in blocks:
+        cached.add(block)
+    assert cached.finish() == expected and again.seen == [] and cached._threads == []
+
+
+def test_counting_stream_raises_what_the_tokenizer_raised(tokenizer):
+    from ingest.tokens import TokenCounter
+
+    class Failing(CountingTokenizer):
+        def count_batch(self, texts):
+            if any("boom" in t for t in texts):
+                raise ValueError("boom")
+            return super().count_batch(texts)
+
+    stream = TokenCounter(Failing(tokenizer)).stream()
+    for block in ["a\n", "boom\n", "b\n"]:
+        stream.add(block)
+    with pytest.raises(ValueError, match="boom"):
+        stream.finish()

@@ -158,6 +158,20 @@ def test_deleted_tracked_file_is_skipped(tmp_path: Path) -> None:
     assert select(tmp_path).paths == ["a.py"]
 
 
+def test_skip_worktree_and_unmerged_entries(tmp_path: Path) -> None:
+    """git stats neither skip-worktree entries (a sparse checkout leaves them out) nor lists
+    them as deleted: those on disk stay, those missing go; a gone directory takes its files."""
+    repo = init_repo(tmp_path, {"a.py": "x", "sparse/kept.py": "x", "sparse/gone.py": "x", "dir/f.py": "x",
+                                "dir/g.py": "x"})
+    repo.git.update_index("--skip-worktree", "sparse/kept.py", "sparse/gone.py")
+    (tmp_path / "sparse" / "gone.py").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "dir")
+    (tmp_path / "dir").write_text("a file where the directory was\n")
+    assert select(tmp_path).paths == ["a.py", "dir", "sparse/kept.py"]
+
+
 def test_source_is_a_subdirectory(tmp_path: Path) -> None:
     init_repo(tmp_path, {
         ".gitignore": "*.gen\n/sub/anchored.txt\n",
