@@ -27,9 +27,10 @@ def save_json(path: Path, value: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                # ASCII escapes keep file names that are not UTF-8 (lone surrogates) exact
-                json.dump(value, handle, separators=(",", ":"), ensure_ascii=True)
+            with os.fdopen(fd, "wb") as handle:
+                # dumps, not dump: only dumps uses the C encoder; ASCII escapes keep file names
+                # that are not UTF-8 (lone surrogates) exact
+                handle.write(json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
             os.replace(temporary, path)
         except BaseException:
             try:

@@ -84,15 +84,19 @@ def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions()
         document.reason = _too_large(info.st_size, cap)
         return document
     try:
-        with open(full, "rb") as handle:
+        # unbuffered: one read of the stat'ed size (plus a byte, to notice growth) instead of a
+        # buffer as large as the limit, and no isatty() probe per file
+        with open(full, "rb", buffering=0) as handle:
             if info.st_size > cap:
-                head = handle.read(SNIFF_BYTES)
+                head = _read_up_to(handle, SNIFF_BYTES)
                 if not _may_be_document(head):      # don't read a big binary for nothing
                     document.reason = _too_large(info.st_size, cap)
                     return document
-                data = head + handle.read(limit + 1 - len(head))
+                data = head + _read_up_to(handle, limit + 1 - len(head))
             else:
-                data = handle.read(limit + 1)
+                data = _read_up_to(handle, min(info.st_size, limit) + 1)
+                if len(data) > info.st_size:        # grew since the stat: read on to the limit
+                    data += _read_up_to(handle, limit + 1 - len(data))
     except OSError as error:
         return _unreadable(document, error)
     if len(data) > limit:       # grew since the stat
@@ -133,6 +137,18 @@ def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions()
             return document
     document.text, document.status = text, "full"
     return document
+
+
+def _read_up_to(handle, size: int) -> bytes:
+    """Up to `size` bytes, fewer only at the end of the file (a raw read may return less)."""
+    chunks = []
+    while size > 0:
+        chunk = handle.read(size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _may_be_document(head: bytes) -> bool:
