@@ -56,6 +56,7 @@ class PackResult:
     from_cache: bool = False          # the whole output came from the pack cache (nothing changed)
     _text: str | None = field(default=None, repr=False)
     _cached: CachedOutput | None = field(default=None, repr=False, compare=False)
+    _utf8: bytes | None = field(default=None, repr=False, compare=False)   # the text's strict UTF-8, if known
 
     @property
     def text(self) -> str:
@@ -70,7 +71,7 @@ class PackResult:
         if self._cached is not None and self._cached.plain_utf8:
             self._cached.copy_to(sink)
             return
-        sink.write(self.text.encode("utf-8", "surrogateescape"))
+        sink.write(self._utf8 if self._utf8 is not None else self.text.encode("utf-8", "surrogateescape"))
         sink.flush()
 
 
@@ -147,7 +148,7 @@ def pack(
     result = _pack_documents(fmt, documents, full_blocks, block_tokens, options, counter)
     result.warnings = warnings + read_warnings
     if cache is not None and key is not None:
-        cache.store(key, _cache_meta(result, read_warnings), result.text, newest_change_ns)
+        result._utf8 = cache.store(key, _cache_meta(result, read_warnings), result.text, newest_change_ns)
     return result
 
 

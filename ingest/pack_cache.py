@@ -138,18 +138,21 @@ class PackCache:
             return None
         return meta, CachedOutput(handle, size, meta.get("plain_utf8") is True)
 
-    def store(self, key: str, meta: dict, text: str, newest_change_ns: int) -> None:
-        if newest_change_ns > time.time_ns() - int(RACY_SECONDS * 1e9):
-            return      # a file changed just now: its next change might not move its timestamp
+    def store(self, key: str, meta: dict, text: str, newest_change_ns: int) -> bytes | None:
+        """Keep `text` under `key`. Returns its strict UTF-8 when it has no lone surrogates
+        (the bytes the output needs, so the caller does not encode 15 MB twice)."""
         data = text.encode("utf-8", "surrogatepass")
+        plain = _SURROGATE.search(data) is None
+        if newest_change_ns > time.time_ns() - int(RACY_SECONDS * 1e9):
+            return data if plain else None   # a file changed just now: its next change might not move its timestamp
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             temporary = self.directory / f".{key}.{os.getpid()}.tmp"
             temporary.write_bytes(data)
             os.replace(temporary, self.directory / f"{key}.txt")
         except OSError:
-            return
-        save_json(self.directory / f"{key}.json",
-                  {**meta, "key": key, "text_bytes": len(data), "plain_utf8": _SURROGATE.search(data) is None})
+            return data if plain else None
+        save_json(self.directory / f"{key}.json", {**meta, "key": key, "text_bytes": len(data), "plain_utf8": plain})
         prune_oldest(self.directory, _KEEP)
         prune_oldest(self.directory, _KEEP, pattern="*.txt")
+        return data if plain else None
