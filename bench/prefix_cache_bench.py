@@ -7,7 +7,7 @@ the real `mini`, in fresh processes, as a user would run them.
 2. warm from disk: another question; the segment files are first evicted from the page
    cache (posix_fadvise DONTNEED after fsync), so the load really reads the disk.
 3. warm from the page cache: more questions, files left cached.
-Each warm kind runs three times (different questions); medians are reported.
+Each warm kind runs three times, interleaved, with different questions; medians are reported.
 The disk's sequential read speed is measured on a 1 GiB file on the same filesystem with
 O_DIRECT (falling back to a read after DONTNEED), so the load bandwidth has a reference.
 Figures come from `--json` (`timings.ttft_s`, `cache.*`); the target is warm TTFT <= 10%
@@ -148,10 +148,10 @@ def main() -> None:
     cold, cold_wall = ask(home, sources, QUESTIONS[0])
     segment_files = sorted((home / "cache" / "kv").glob("*/*.seg"))
     from_disk, from_page_cache = [], []
+    # Interleaved, so that other jobs on the machine slow both kinds alike.
     for i in range(WARM_RUNS):
         drop_from_page_cache(segment_files)
         from_disk.append(ask(home, sources, QUESTIONS[1 + i % (len(QUESTIONS) - 1)]))
-    for i in range(WARM_RUNS):
         from_page_cache.append(ask(home, sources, QUESTIONS[-1 - i % (len(QUESTIONS) - 1)]))
     load_after = os.getloadavg()[0]
     read_speed, read_method = sequential_read_speed(home / "cache")
