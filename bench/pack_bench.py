@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ CORPUS = WORK / "corpus"
 SDISTS = WORK / "sdists"
 PEERS = BENCH / ".peers"
 RESULTS = BENCH / "RESULTS.md"
+PYCACHE = WORK / "pycache"
 START, END = "<!-- pack_bench:start -->", "<!-- pack_bench:end -->"
 
 # (commit message, sdist, directory in the repository). A later version of a package replaces
@@ -137,11 +139,21 @@ def find_model() -> Path:
     return candidate
 
 
-def run_dsv4(root: Path, home: Path, model: Path, out: Path, summary: Path | None = None) -> float:
+def python_env() -> dict[str, str]:
+    """Python tools run as installed: with bytecode caches (pip writes them at install time).
+    A PYTHONDONTWRITEBYTECODE inherited from the shell would make every run compile every
+    module from source; the caches go to bench/.work/pycache, not into the tree."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    return env
+
+
+def run_dsv4(root: Path, home: Path, model: Path, out: Path, summary: Path | None = None,
+             cpu: list[float] | None = None) -> float:
     command = [sys.executable, "-m", "dsv4cli.app", "pack", str(root), "--model", str(model), "-o", str(out)]
     if summary is not None:
         command += ["--summary-json", str(summary)]
-    return _timed(command, cwd=root, env={"DSV4_HOME": str(home), "NO_COLOR": "1"})
+    return _timed(command, cwd=root, env={**python_env(), "DSV4_HOME": str(home), "NO_COLOR": "1"}, cpu=cpu)
 
 
 def repomix_command() -> list[str] | None:
@@ -149,25 +161,39 @@ def repomix_command() -> list[str] | None:
     return [str(binary)] if binary.exists() else None
 
 
-def run_repomix(root: Path, out: Path) -> float:
-    return _timed([*repomix_command(), str(root), "-o", str(out), "--style", "xml", "--quiet"], cwd=root)
+def run_repomix(root: Path, out: Path, cpu: list[float] | None = None) -> float:
+    return _timed([*repomix_command(), str(root), "-o", str(out), "--style", "xml", "--quiet"], cwd=root, cpu=cpu)
 
 
-def run_files_to_prompt(root: Path, out: Path) -> float:
+def run_files_to_prompt(root: Path, out: Path, cpu: list[float] | None = None) -> float:
     binary = shutil.which("files-to-prompt")
     command = [binary] if binary else [sys.executable, "-m", "files_to_prompt"]
+    before = _children_cpu()
     started = time.perf_counter()
     with open(out, "wb") as sink:
-        subprocess.run([*command, str(root)], cwd=root, stdout=sink, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - started
+        subprocess.run([*command, str(root)], cwd=root, stdout=sink, stderr=subprocess.DEVNULL, check=True,
+                       env=python_env())
+    elapsed = time.perf_counter() - started
+    if cpu is not None:
+        cpu.append(_children_cpu() - before)
+    return elapsed
 
 
-def _timed(command: list[str], cwd: Path, env: dict | None = None) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], cwd: Path, env: dict | None = None, cpu: list[float] | None = None) -> float:
+    """Wall time of the whole process; its CPU time (user + system, all threads) goes to `cpu`."""
+    before = _children_cpu()
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True)
+    result = subprocess.run(command, cwd=cwd, env=env if env is not None else dict(os.environ), capture_output=True)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed: {result.stderr.decode(errors='replace')[-2000:]}")
+    if cpu is not None:
+        cpu.append(_children_cpu() - before)
     return elapsed
 
 
@@ -226,19 +252,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-") as scratch_dir:
         scratch_root = Path(scratch_dir)
         out = scratch_root / "out"
-        times: dict[str, list[float]] = {
-            "dsv4 cold": [], "dsv4 cold counts": [], "dsv4 warm": [], "repomix": [], "files-to-prompt": []
-        }
+        tools = ("dsv4 cold", "dsv4 cold counts", "dsv4 warm", "repomix", "files-to-prompt")
+        times: dict[str, list[float]] = {tool: [] for tool in tools}
+        cpu: dict[str, list[float]] = {tool: [] for tool in tools}
 
         warm_home = scratch_root / "home-warm"
         summary = scratch_root / "summary.json"
         # Rounds interleave the tools, so a neighbour's load on the machine hits all of them alike.
         load_before = os.getloadavg()
+        loads = [load_before[0]]
         dsv4_out = scratch_root / "dsv4-out"
-        run_dsv4(corpus, warm_home, model, dsv4_out, summary)      # fill the warm home's caches
+        run_dsv4(corpus, warm_home, model, dsv4_out, summary)      # fill the warm home's caches (and bytecode)
+        if has_repomix:
+            run_repomix(corpus, out)                               # the same first-run warm-up for the peers
+        run_files_to_prompt(corpus, out)
         for run in range(args.runs):
             home = scratch_root / f"home-cold-{run}"
-            times["dsv4 cold"].append(run_dsv4(corpus, home, model, out))
+            times["dsv4 cold"].append(run_dsv4(corpus, home, model, out, cpu=cpu["dsv4 cold"]))
             shutil.rmtree(home)
             counts_home = scratch_root / "home-counts"
             if run == 0:
@@ -246,12 +276,13 @@ def main() -> None:
             # the pack's own caches go; the tokenizer's rank table stays
             for cache in ("tokens", "history", "conversions", "packs"):
                 shutil.rmtree(counts_home / "cache" / cache, ignore_errors=True)
-            times["dsv4 cold counts"].append(run_dsv4(corpus, counts_home, model, out))
+            times["dsv4 cold counts"].append(run_dsv4(corpus, counts_home, model, out, cpu=cpu["dsv4 cold counts"]))
             for _ in range(2):
-                times["dsv4 warm"].append(run_dsv4(corpus, warm_home, model, dsv4_out))
+                times["dsv4 warm"].append(run_dsv4(corpus, warm_home, model, dsv4_out, cpu=cpu["dsv4 warm"]))
             if has_repomix:
-                times["repomix"].append(run_repomix(corpus, out))
-            times["files-to-prompt"].append(run_files_to_prompt(corpus, out))
+                times["repomix"].append(run_repomix(corpus, out, cpu=cpu["repomix"]))
+            times["files-to-prompt"].append(run_files_to_prompt(corpus, out, cpu=cpu["files-to-prompt"]))
+            loads.append(os.getloadavg()[0])
         load_after = os.getloadavg()
         ours = json.loads(summary.read_text())
         dsv4_bytes = dsv4_out.stat().st_size
@@ -279,9 +310,11 @@ def main() -> None:
                       **statuses},
         "runs": times,
         "medians_s": medians,
+        "cpu_s": cpu,
+        "cpu_medians_s": {tool: median(values) for tool, values in cpu.items() if values},
         "stability": results_stability,
         "bench_seconds": time.perf_counter() - total_started,
-        "load_average": {"before": load_before, "after": load_after},
+        "load_average": {"before": load_before, "after": load_after, "per_round_1min": loads},
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
     section = render_markdown(report)
@@ -318,13 +351,15 @@ def machine() -> dict[str, str]:
 
 def render_markdown(report: dict) -> str:
     m, med, corpus, pack = report["machine"], report["medians_s"], report["corpus"], report["dsv4_pack"]
+    cpu = report.get("cpu_medians_s", {})
     rows = []
     for tool in ("dsv4 cold", "dsv4 cold counts", "dsv4 warm", "repomix", "files-to-prompt"):
         if tool not in med:
             continue
         runs = ", ".join(f"{t:.2f}" for t in report["runs"][tool])
         versus = f"{med['repomix'] / med[tool]:.1f}x" if "repomix" in med else "-"
-        rows.append(f"| {tool} | {med[tool]:.2f} s | {versus} | {runs} |")
+        cpu_time = f"{cpu[tool]:.2f} s" if tool in cpu else "-"
+        rows.append(f"| {tool} | {med[tool]:.2f} s | {versus} | {cpu_time} | {runs} |")
     stability_rows = []
     for tool, figures in report["stability"].items():
         stability_rows.append(
@@ -359,8 +394,8 @@ def render_markdown(report: dict) -> str:
         f"dsv4's pack: {pack['tokens']:,} tokens ({pack['tokenizer']}), {pack['bytes'] / 1e6:.1f} MB; "
         f"{pack['full']} files full, {pack['listed']} listed (binary, noise, over the size cap).",
         "",
-        "| tool | median | repomix / tool | runs (s) |",
-        "|---|---|---|---|",
+        "| tool | median | repomix / tool | CPU (median) | runs (s) |",
+        "|---|---|---|---|---|",
         *rows,
         "",
         "Prefix kept (share of the old output that is a byte-identical prefix of the new one):",
@@ -375,8 +410,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"Whole benchmark: {report['bench_seconds']:.0f} s; load average (1 min) "
         f"{report['load_average']['before'][0]:.1f} before the timed rounds, "
-        f"{report['load_average']['after'][0]:.1f} after (other work shared the machine). "
-        "Raw figures: bench/.work/results.json.",
+        f"{report['load_average']['after'][0]:.1f} after, {max(report['load_average']['per_round_1min']):.1f} "
+        f"at most (on {m['cores']} cores; above {m['cores']}, other work shared the machine). CPU is user + "
+        "system time of the whole process, all threads. Raw figures: bench/.work/results.json.",
         END,
     ])
 
