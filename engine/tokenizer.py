@@ -722,7 +722,8 @@ def _write_cached_table(path: Path, table: _Table) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tok-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(table.to_json(), f, ensure_ascii=True, separators=(",", ":"))
+                # dumps, not dump: only dumps uses the C encoder (the same text, several times faster)
+                f.write(json.dumps(table.to_json(), ensure_ascii=True, separators=(",", ":")))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
