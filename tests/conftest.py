@@ -13,3 +13,15 @@ def dsv4_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("DSV4_DEBUG", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(autouse=True)
+def default_float_modes():
+    """Loading a model turns on flush-to-zero for the whole process (a speed setting);
+    put torch's default back so no test depends on which tests ran before it."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
