@@ -249,3 +249,18 @@ def test_architecture_comes_from_metadata_not_the_file_name(tiny_files, tmp_path
     renamed = tmp_path / "gpt2-model.gguf"
     renamed.write_bytes(tiny_files["F32"].read_bytes())
     assert build_llama(GGUFFile(renamed), "fp32").args.n_layers == TINY["n_layer"]
+
+
+def test_interleaved_rope_on_permuted_rows_equals_half_split_rope():
+    """The two RoPE forms agree once llama.cpp's row permutation is accounted for."""
+    from engine.llama import _apply_rope, rope_table
+
+    T, heads, D = 5, 3, 8
+    x = torch.randn(1, T, heads, D)
+    rope = torch.view_as_complex(rope_table(D, 10000.0, T)).unsqueeze(1)  # [T, 1, D/2]
+    # llama.cpp's permutation within a head: (half, pair) -> (pair, half)
+    permuted = x.view(1, T, heads, 2, D // 2).transpose(-1, -2).reshape(1, T, heads, D)
+    interleaved = _apply_rope(permuted, rope, interleaved=True)
+    half_split = _apply_rope(x, rope, interleaved=False)
+    expected = half_split.view(1, T, heads, 2, D // 2).transpose(-1, -2).reshape(1, T, heads, D)
+    torch.testing.assert_close(interleaved, expected)
