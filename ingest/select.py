@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from pathspec import GitIgnoreSpec
+from typing import TYPE_CHECKING
 
 from ingest.errors import IngestError, SourceNotFound, SourcePermissionDenied
 from ingest.gitpatterns import IgnoreRules, regular_file
 from ingest.types import SelectOptions, Selection
+
+if TYPE_CHECKING:
+    from pathspec import GitIgnoreSpec
 
 DSV4IGNORE = ".dsv4ignore"
 GITIGNORE = ".gitignore"
@@ -27,8 +29,12 @@ GITLINK_MODE = "160000"
 
 def _globs(patterns: tuple[str, ...]) -> GitIgnoreSpec | None:
     """--include/--exclude globs match whole paths relative to SOURCE, which is what
-    pathspec's GitIgnoreSpec is built for."""
-    return GitIgnoreSpec.from_lines(list(patterns)) if patterns else None
+    pathspec's GitIgnoreSpec is built for (imported only when there are globs)."""
+    if not patterns:
+        return None
+    from pathspec import GitIgnoreSpec
+
+    return GitIgnoreSpec.from_lines(list(patterns))
 
 
 # --------------------------------------------------------------------------- entry point

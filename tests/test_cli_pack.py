@@ -215,3 +215,28 @@ def test_a_cache_hit_with_a_name_that_is_not_utf8(repo, tiny_gguf, tmp_path, mon
     assert sinks[0].getvalue() == sinks[1].getvalue()
     assert b'path="latin1-caf\\xdce9.txt"' in sinks[0].getvalue()     # shown escaped, never raw
     assert second.text == first.text
+
+
+@pytest.mark.parametrize("odd", ["plain.py", "trailing space ", "a:smile:b.py", "a: b:c.py", "x[bold]y.py",
+                                 "back\\slash.py", "tab\there.py", "caf\u00e9/\u2603.py", "[link]", "a]b", "\U0001f600.md"])
+def test_summary_without_rich_is_what_rich_prints(odd, capsys, monkeypatch):
+    from ingest import FileReport, PackResult, Reduction
+
+    from dsv4cli.commands import pack as pack_command
+
+    files = [FileReport(f"src/{odd}", "full", "", 1234), FileReport("big.py", "reduced", "budget", 99_999),
+             FileReport(odd, "listed", "binary", 0), FileReport("b.bin", "listed", "binary", 0),
+             FileReport("c.lock", "listed", f"lock {odd}", 0)] + [
+             FileReport(f"f{n}.py", "full", "", n) for n in range(12)]
+    result = PackResult(total_tokens=123_456, files=files, tokenizer="tok", reduced=[Reduction("big.py", "full", "reduced")])
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    pack_command._rich_summary(result, 10_000)
+    by_rich = capsys.readouterr().err
+    plain = pack_command._plain_summary(result, 10_000)
+    if plain is not None:
+        assert plain == by_rich
+    assert (plain is None) == (odd not in ("plain.py", "trailing space ", "caf\u00e9/\u2603.py",
+                                           "\U0001f600.md"))
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert pack_command._plain_summary(result, 10_000) is None
