@@ -30,12 +30,14 @@ _KEEP = 8
 _CODE_DIR = Path(__file__).resolve().parent
 
 
-def file_fingerprint(path: str) -> list[int] | None:
-    """What changes when the file's content may have; None when it cannot be stat'ed."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
+def file_fingerprint(path: str, info: os.stat_result | None = None) -> list[int] | None:
+    """What changes when the file's content may have; None when it cannot be stat'ed.
+    `info`: the path's lstat, when the caller has it already."""
+    if info is None:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
     fingerprint = [info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
     if stat.S_ISLNK(info.st_mode):
         try:

@@ -49,12 +49,14 @@ _CONTROL_SHARE_NOT_UTF8 = 0.03
 
 def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions(), *,
                   attributes: Attributes | None = None,
-                  converter: Converter | None = None) -> Document:
+                  converter: Converter | None = None,
+                  lstat: os.stat_result | None = None) -> Document:
     """Read `root/relpath` (relpath with '/' separators, inside root) into a Document.
 
     `attributes` marks linguist-generated/-vendored paths (see `load_attributes`).
     `converter(relpath, data)` turns documents (PDF, HTML, man pages) into text, or returns
     None; it is asked before the binary check, because a PDF is binary but readable.
+    `lstat`: the file's lstat when the caller took one just before (saves a system call).
     """
     document = Document(path=relpath, text=None, status="listed")
     if relpath.startswith("/") or ".." in relpath.split("/"):
@@ -62,7 +64,7 @@ def read_document(root: Path, relpath: str, options: ReadOptions = ReadOptions()
         return document
     full = os.path.join(root, relpath)
     try:
-        info = os.lstat(full)
+        info = lstat if lstat is not None else os.lstat(full)
         if stat.S_ISLNK(info.st_mode):
             refusal = _symlink_refusal(root, full)
             if refusal:
