@@ -4,13 +4,13 @@ parsing a messy answer without inventing findings, the report, --fail-on, --time
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,23 +236,37 @@ def test_repository_that_does_not_fit_falls_back_to_the_diff(repo, fake, capsys)
     assert len(fake.calls[-1].prompt_ids) + 64 <= 1200 and "+    return b + a" in user
 
 
+class ManualClock:
+    """A clock that moves only when told: the review's deadline without real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class SlowModel(FakeModel):
-    """Deltas every `delay` seconds; honours `cancel` only when `obeys_cancel`."""
+    """Each text piece takes `delay` seconds of `clock`; honours `cancel` only when `obeys_cancel`."""
 
     delay: float = 0.05
     obeys_cancel: bool = True
-    cancel_given: bool = False
+    cancel: Callable[[], bool] | None = None
+    pieces_yielded: int = 0
+    clock: ManualClock | None = None
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams, **kwargs: Any) -> Iterator[Event]:
-        cancel = kwargs.get("cancel")
-        self.cancel_given = cancel is not None
+        cancel = self.cancel = kwargs.get("cancel")
         inner = super().chat(messages, params)
 
         def slowed() -> Iterator[Event]:
             for event in inner:
                 if self.obeys_cancel and cancel is not None and cancel():
                     return  # a real engine would end with Done("cancelled"); ending early is harsher
-                time.sleep(self.delay if type(event).__name__ == "TextDelta" else 0)
+                if type(event).__name__ == "TextDelta":
+                    assert self.clock is not None
+                    self.clock.now += self.delay
+                    self.pieces_yielded += 1
                 yield event
 
         return slowed()
@@ -261,13 +275,16 @@ class SlowModel(FakeModel):
 @pytest.mark.parametrize("obeys_cancel", [True, False])
 def test_timeout_stops_the_model_and_keeps_complete_findings(repo, tokenizer, monkeypatch, capsys, obeys_cancel):
     pieces = ["src/calc.py:2: error: wrong operator\n", "src/calc.py:6: warning: div"] + [" more"] * 200
+    clock = ManualClock()
     model = SlowModel(tokenizer, answer=pieces)
-    model.obeys_cancel = obeys_cancel
+    model.obeys_cancel, model.clock = obeys_cancel, clock
     monkeypatch.setattr(ask_command, "_open_model", lambda name: (name, model))
-    started = time.monotonic()
+    monkeypatch.setattr(review, "run_review", functools.partial(review.run_review, clock=clock))
     assert main(["review", "--staged", "--timeout", "0.6", "--max-tokens", "500", "--fail-on", "error"]) == 1
-    assert time.monotonic() - started < 5  # 200 slow pieces would take 10 s
-    assert model.cancel_given
+    # 0.6 s of 0.05 s pieces is 12; at most one more is in flight when the deadline is noticed.
+    assert 12 <= model.pieces_yielded <= 13, model.pieces_yielded
+    assert model.cancel is not None and model.cancel()  # the engine is told the time is up
+    assert model.closed == 1  # and the review stopped pulling and closed the generation
     captured = capsys.readouterr()
     assert "2  error    wrong operator" in captured.out and "div" not in captured.out  # the cut line is dropped
     assert "stopped at the --timeout of 0.6 s" in captured.err
