@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
+import io
 import os
-import time
+import subprocess
 from pathlib import Path
 
 import git
@@ -273,13 +275,29 @@ def test_size_cap(tmp_path: Path) -> None:
     assert read(tmp_path, "edge.txt", ("x" * 63 + "\n") * 16, options).status == "full"
 
 
-def test_huge_file_is_not_read(tmp_path: Path) -> None:
+def test_huge_file_is_not_read(tmp_path: Path, monkeypatch) -> None:
     huge = tmp_path / "huge.bin"
     with huge.open("wb") as handle:
         handle.truncate(8 << 30)        # sparse: 8 GiB that reading would take seconds
-    started = time.perf_counter()
-    document = read_document(tmp_path, "huge.bin", DEFAULT)
-    assert time.perf_counter() - started < 1.0
+    # Judged from its size alone: any attempt to open it fails the test.
+    real_open, real_os_open = builtins.open, os.open
+
+    def is_huge(file: object) -> bool:
+        return isinstance(file, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(file)) == str(huge)
+
+    def guarded_open(file, *args, **kwargs):
+        assert not is_huge(file), "the over-cap file was opened"
+        return real_open(file, *args, **kwargs)
+
+    def guarded_os_open(path, *args, **kwargs):
+        assert not is_huge(path), "the over-cap file was opened"
+        return real_os_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as guard:
+        guard.setattr(builtins, "open", guarded_open)
+        guard.setattr(io, "open", guarded_open)
+        guard.setattr(os, "open", guarded_os_open)
+        document = read_document(tmp_path, "huge.bin", DEFAULT)
     assert document.reason == "too large (8.0 GiB > 1.0 MiB)"
     assert document.size == 8 << 30 and document.digest == ""
 
@@ -365,25 +383,48 @@ def test_failing_converter_lists_the_file_with_a_warning(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- speed
 
 
-@pytest.mark.slow
-def test_three_thousand_files_read_quickly(tmp_path: Path) -> None:
-    """Not a benchmark: a guard against per-file subprocesses or quadratic scans."""
+def _python_tree(root: Path, count: int) -> None:
+    """`count` modules in 30 packages, pkg1 marked linguist-generated, committed."""
     line = "def function_{0}(argument):\n    return argument * {0}  # comment\n"
-    for index in range(3000):
-        put(tmp_path, f"pkg{index % 30}/module_{index}.py", line.format(index) * 60)
-    put(tmp_path, ".gitattributes", "pkg1/** linguist-generated\n")
-    repo = git.Repo.init(tmp_path)
+    for index in range(count):
+        put(root, f"pkg{index % 30}/module_{index}.py", line.format(index) * 60)
+    put(root, ".gitattributes", "pkg1/** linguist-generated\n")
+    repo = git.Repo.init(root)
     repo.git.add(A=True)
     repo.git.commit("-q", "-m", "init")
-    started = time.perf_counter()
-    selection = select(tmp_path)
-    attributes = load_attributes(selection)
-    documents = [read_document(selection.root, p, DEFAULT, attributes=attributes)
-                 for p in selection.paths]
-    elapsed = time.perf_counter() - started
-    assert len(documents) == 3001
-    assert sum(d.reason == "linguist-generated" for d in documents) == 100
-    assert elapsed < 5.0, f"select + read of 3,000 files took {elapsed:.2f} s"
+
+
+def _select_and_read_counting_launches(root: Path, monkeypatch) -> tuple[list, int]:
+    launches = 0
+    popen_init = subprocess.Popen.__init__
+
+    def counting_init(self, *args, **kwargs):
+        nonlocal launches
+        launches += 1
+        popen_init(self, *args, **kwargs)
+
+    with monkeypatch.context() as counting:
+        counting.setattr(subprocess.Popen, "__init__", counting_init)
+        selection = select(root)
+        attributes = load_attributes(selection)
+        documents = [read_document(selection.root, p, DEFAULT, attributes=attributes)
+                     for p in selection.paths]
+    return documents, launches
+
+
+@pytest.mark.slow
+def test_three_thousand_files_read_without_per_file_processes(tmp_path: Path, monkeypatch) -> None:
+    """Not a benchmark: a guard against per-file subprocesses (git check-attr, git show, ...).
+    A hundred times the files must start exactly as many processes."""
+    _python_tree(tmp_path / "small", 30)
+    _python_tree(tmp_path / "large", 3000)
+    small, small_launches = _select_and_read_counting_launches(tmp_path / "small", monkeypatch)
+    large, large_launches = _select_and_read_counting_launches(tmp_path / "large", monkeypatch)
+    assert (len(small), len(large)) == (31, 3001)
+    assert sum(d.reason == "linguist-generated" for d in small) == 1
+    assert sum(d.reason == "linguist-generated" for d in large) == 100
+    assert sum(d.status == "full" for d in large) == 2901  # with .gitattributes
+    assert 0 < large_launches == small_launches, (small_launches, large_launches)
 
 
 def test_attributes_from_above_a_subdirectory_source(tmp_path: Path) -> None:
