@@ -150,14 +150,21 @@ def _load_tokenizer(model: str, cache_dir: Path):
         return load()          # not installed yet: fetching says how, or fails with a hint
     if ref.format != "gguf":
         return load()
+
+    def load_installed():
+        # the file is there: nothing to fetch, so no progress display to import (Rich, ~50 ms)
+        from engine.tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf(ref.path)
+
     known_file = cache_dir / "tokens" / "models.json"
     key = f"{ref.path.resolve()}|{info.st_size}|{info.st_mtime_ns}"
     known = load_json(known_file)
     known = known if isinstance(known, dict) else {}
     entry = known.get(key)
     if isinstance(entry, list) and len(entry) == 2:
-        return _LazyTokenizer(entry[0], entry[1], load)
-    tokenizer = load()
+        return _LazyTokenizer(entry[0], entry[1], load_installed)
+    tokenizer = load_installed()
     known[key] = [tokenizer.name, tokenizer.digest]
     save_json(known_file, known)
     return tokenizer
