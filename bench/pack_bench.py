@@ -412,7 +412,8 @@ def render_markdown(report: dict) -> str:
         f"{report['load_average']['before'][0]:.1f} before the timed rounds, "
         f"{report['load_average']['after'][0]:.1f} after, {max(report['load_average']['per_round_1min']):.1f} "
         f"at most (on {m['cores']} cores; above {m['cores']}, other work shared the machine). CPU is user + "
-        "system time of the whole process, all threads. Raw figures: bench/.work/results.json.",
+        "system time of the whole process, all threads. Raw figures: bench/.work/results.json. "
+        "Where the time goes: bench/README.md.",
         END,
     ])
 
