@@ -132,16 +132,21 @@ def pack(
     full_blocks: list[str] = []
     seen: set[str] = set()
     # each block goes to the tokenizer's threads as soon as its file is read
-    for document in _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings, lstats):
-        if document.path in seen:
-            duplicates.append(f"{document.path} is named by more than one SOURCE; packed once")
-            continue
-        seen.add(document.path)
-        block = file_block(fmt, document.path, document.text) if document.text is not None else ""
-        documents.append(document)
-        full_blocks.append(block)
-        if stream is not None and block:
-            stream.add(block)
+    try:
+        for document in _read_all(units, attributes, options, cache_dir, stdin_text, read_warnings, lstats):
+            if document.path in seen:
+                duplicates.append(f"{document.path} is named by more than one SOURCE; packed once")
+                continue
+            seen.add(document.path)
+            block = file_block(fmt, document.path, document.text) if document.text is not None else ""
+            documents.append(document)
+            full_blocks.append(block)
+            if stream is not None and block:
+                stream.add(block)
+    except BaseException:
+        if stream is not None:
+            stream.abandon()
+        raise
     read_warnings += duplicates
     block_tokens = [0] * len(documents)
     if stream is not None:

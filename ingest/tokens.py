@@ -175,6 +175,14 @@ class CountingStream:
                 except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
                     self._errors.append(error)
 
+    def abandon(self) -> None:
+        """Stop the workers without waiting (the caller failed; nothing will be asked)."""
+        self._errors.append(RuntimeError("counting abandoned"))
+        self._batch = []
+        for _ in self._threads:
+            self._queue.put(None)
+        self._threads = []
+
     def finish(self) -> list[int]:
         """The count of every added block, in order; raises what a worker raised."""
         self._hand_over()

@@ -267,3 +267,18 @@ def test_counting_stream_raises_what_the_tokenizer_raised(tokenizer):
         stream.add(block)
     with pytest.raises(ValueError, match="boom"):
         stream.finish()
+
+
+def test_counting_stream_abandoned_stops_its_workers(tokenizer):
+    import threading
+
+    from ingest.tokens import TokenCounter
+
+    before = threading.active_count()
+    stream = TokenCounter(tokenizer).stream()
+    for n in range(50):
+        stream.add(f"block {n}\n" * 2000)
+    stream.abandon()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("dsv4-count-")]:
+        thread.join(timeout=30)
+    assert threading.active_count() <= before
