@@ -41,7 +41,9 @@ class LoadedModel:
         return self.model.new_state()
 
     def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [B, T, vocab] for token_ids [B, T], from an empty state."""
+        """fp32 logits [B, T, vocab] for token_ids [B, T], from an empty state. Outside fp32
+        mode the 32 highest per position are exact and the rest come from the coarse int8
+        head pass (within ~0.1)."""
         if token_ids.dim() != 2:
             raise ValueError(f"token_ids must be [B, T], got shape {tuple(token_ids.shape)}")
         B, T = token_ids.shape
