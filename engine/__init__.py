@@ -11,12 +11,17 @@ from engine.errors import ContextOverflow, EngineError, FetchError, ModelFormatE
 __all__ = ["ContextOverflow", "EngineError", "FetchError", "ModelFormatError", "ModelNotFound", "load"]
 
 
-def load(path_or_alias, *, device="cpu", dtype=None, quant=None):  # type: ignore[no-untyped-def]
-    """Load a model (a .gguf path or an alias such as "mini") -> engine.runtime.LoadedModel.
+def load(path_or_alias, *, device=None, dtype=None, quant=None, simulate=None):  # type: ignore[no-untyped-def]
+    """Load a model -> engine.runtime.LoadedModel: a .gguf file, a DeepSeek-V4 checkpoint
+    directory, or an alias ("mini", "flash", "pro"); the format comes from the files' own
+    metadata (GGUF magic, config.json), never their names.
 
-    dtype "fp32"/"bf16" or quant "int8"/"int4" choose the weight mode; by default the
-    fastest mode that meets the correctness bar. Imports torch, so only on call.
+    GGUF: dtype "fp32"/"bf16" or quant "int8"/"int4" choose the weight mode; by default the
+    fastest mode that meets the correctness bar. DeepSeek-V4: dtype is the activation dtype
+    (fp32 default, or bf16); `simulate` is DeepSeek's in-model FP8/FP4 rounding (None: on
+    for FP8/FP4 checkpoints, off for bf16/fp32); `device` None means cuda when available.
+    Imports torch, so only on call.
     """
     from engine.runtime import load as _load
 
-    return _load(path_or_alias, device=device, dtype=dtype, quant=quant)
+    return _load(path_or_alias, device=device, dtype=dtype, quant=quant, simulate=simulate)

@@ -13,18 +13,39 @@ state that is valid for its length.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from engine.detokenizer import StreamingDetokenizer
 from engine.errors import ContextOverflow
 from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta, Timings, Usage
-from engine.kv_state import KVState
-from engine.llama import Llama
 from engine.sampling import Sampler
 
 REPETITION_WINDOW = 64  # the penalty looks at the last 64 tokens (llama.cpp's default), not the whole pack
+
+
+class State(Protocol):
+    """Per-sequence model state: engine.kv_state.KVState (mini) or DSV4State (DeepSeek-V4).
+    `trim(n)` forgets the last n tokens; DeepSeek-V4 can only do n = 0."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def max_len(self) -> int: ...
+
+    def trim(self, n: int) -> Any: ...
+
+
+class Model(Protocol):
+    """engine.llama.Llama and engine.deepseek_v4.model.Transformer: one calling convention."""
+
+    args: Any  # .context_length
+
+    def new_state(self, batch: int = 1, max_len: int | None = None) -> Any: ...
+
+    def __call__(self, tokens: torch.Tensor, state: Any, output: str = "all") -> Any: ...
 
 
 class _Tokenizer(Protocol):
@@ -36,12 +57,12 @@ class _Tokenizer(Protocol):
 
 
 def stream(
-    model: Llama,
+    model: Model,
     tokenizer: _Tokenizer,
     prompt_ids: list[int],
     params: SamplingParams,
     *,
-    state: KVState | None = None,
+    state: State | None = None,
     cached_tokens: int = 0,
     prefill_chunk: int = 512,
     cancel: Callable[[], bool] | None = None,
@@ -112,7 +133,8 @@ def stream(
     first_token_at: float | None = None
     reason = "length"
     while params.max_tokens > 0:
-        token = sampler(logits[0, -1], torch.tensor(history[-REPETITION_WINDOW:]) if params.repetition_penalty != 1.0 else None)
+        # The sampler runs on the CPU: a CUDA model's last row comes over (one row per token).
+        token = sampler(logits[0, -1].cpu(), torch.tensor(history[-REPETITION_WINDOW:]) if params.repetition_penalty != 1.0 else None)
         if first_token_at is None:
             first_token_at = time.perf_counter()
         if token in stop_ids:

@@ -89,6 +89,7 @@ class ModelSpec:
     hub_file: HubFile | None = None
     wheel: WheelSource | None = None
     hub_repo: str | None = None      # multi-file checkpoints (safetensors snapshots)
+    size_note: str = ""              # what fetching means, for the "not installed" hint
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -122,12 +123,14 @@ MODELS: dict[str, ModelSpec] = {
         format="safetensors",
         description="DeepSeek-V4-Flash (Hugging Face safetensors snapshot)",
         hub_repo="deepseek-ai/DeepSeek-V4-Flash",
+        size_note="DeepSeek-V4-Flash is 284B parameters (~150 GB)",
     ),
     "pro": ModelSpec(
         alias="pro",
         format="safetensors",
         description="DeepSeek-V4-Pro (Hugging Face safetensors snapshot)",
         hub_repo="deepseek-ai/DeepSeek-V4-Pro",
+        size_note="DeepSeek-V4-Pro is 1.6T parameters (~865 GB)",
     ),
 }
 
@@ -200,6 +203,9 @@ def _resolve_alias(alias: str, *, fetch: bool, progress: Progress | None, note: 
             )
     elif _is_checkpoint_dir(target):
         return ModelRef(alias, target, spec.format, _tree_size(target), alias)
+    else:
+        # Never fetched implicitly (`dsv4 ask --model flash`): hundreds of gigabytes.
+        raise ModelNotFound(f"model {alias} is not installed (looked in {target})", _snapshot_hint(spec))
     if fetch:
         return fetch_model(alias, progress, note=note)
     raise ModelNotFound(f"model {alias} is not installed (looked in {model_dir(alias)})", f"run `dsv4 pull {alias}`")
@@ -367,14 +373,50 @@ class _Skip(Exception):
         self.quiet = quiet
 
 
-def _fetch_snapshot(spec: ModelSpec) -> ModelRef:
-    target = model_dir(spec.alias)
-    if _is_checkpoint_dir(target):
-        return ModelRef(spec.alias, target, spec.format, _tree_size(target), spec.alias)
-    raise FetchError(
-        f"fetching {spec.alias} ({spec.hub_repo}) is not supported yet: the checkpoint is hundreds of gigabytes",
-        f"download it with `hf download {spec.hub_repo} --local-dir {target}`, or pass --model <checkpoint dir>",
+def _snapshot_hint(spec: ModelSpec) -> str:
+    return (
+        f"{spec.size_note or spec.description}; download it with `dsv4 pull {spec.alias}` on a machine "
+        f"that can reach Hugging Face, or pass --model PATH"
     )
+
+
+# Everything a DeepSeek-V4 snapshot needs to load; no pickles, no remote code.
+SNAPSHOT_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "encoding/*.py", "*.md", "LICENSE*")
+
+
+def _fetch_snapshot(spec: ModelSpec, download: Callable[[str, Path], None] | None = None) -> ModelRef:
+    """The snapshot in <home>/models/<alias>/, downloaded with huggingface_hub when missing
+    (resumable: files already there are kept). Offline, fails within seconds."""
+    target = model_dir(spec.alias)
+    if _is_checkpoint_dir(target) and not any(target.rglob("*.incomplete")):
+        return ModelRef(spec.alias, target, spec.format, _tree_size(target), spec.alias)
+    unreachable = hub_unreachable_reason()
+    if unreachable:
+        raise FetchError(
+            f"cannot download {spec.alias} ({spec.hub_repo}): Hugging Face is not reachable ({unreachable})",
+            f"{spec.size_note or spec.description}; run `dsv4 pull {spec.alias}` where Hugging Face is reachable "
+            f"and copy {target} here, or pass --model PATH",
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        (download or _download_snapshot)(str(spec.hub_repo), target)
+    except FetchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every hub failure is one line for the user
+        raise FetchError(
+            f"downloading {spec.hub_repo} failed: {type(exc).__name__}: {_first_line(exc)}",
+            f"run `dsv4 pull {spec.alias}` again to resume",
+        ) from exc
+    if not _is_checkpoint_dir(target):
+        raise FetchError(f"{spec.hub_repo} downloaded, but {target} holds no config.json with safetensors files")
+    return ModelRef(spec.alias, target, spec.format, _tree_size(target), spec.alias)
+
+
+def _download_snapshot(repo_id: str, target: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    # huggingface_hub draws its own per-file progress bars on stderr.
+    snapshot_download(repo_id, local_dir=target, allow_patterns=list(SNAPSHOT_PATTERNS), etag_timeout=_HUB_PROBE_TIMEOUT_S)
 
 
 def _from_installed_distribution(spec: ModelSpec, target: Path, progress: Progress | None) -> str:
@@ -687,6 +729,10 @@ def load_tokenizer(
     ref = resolve_model(name_or_path, fetch=fetch, progress=progress, note=note)
     if ref.format == "gguf":
         return Tokenizer.from_gguf(ref.path)
+    from engine.deepseek_v4.chat import is_deepseek_v4_config, read_config, tokenizer_for
+
+    if is_deepseek_v4_config(read_config(ref.path)):
+        return tokenizer_for(ref.path)  # with DeepSeek-V4's chat format
     from_hf_dir = getattr(Tokenizer, "from_hf_dir", None)
     if from_hf_dir is None:
         raise ModelFormatError(

@@ -257,3 +257,23 @@ def write_tiny(directory: Path, fmt: str = "fp32", seed: int = 0, **config: Any)
     cfg = tiny_config(quantized=fmt == "fp8", **config)
     master = random_master(cfg, seed)
     return write_checkpoint(directory, cfg, checkpoint_tensors(cfg, master, fmt))
+
+
+def write_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer.json in DeepSeek's style (specials bos=0, eos=1, pad=2,
+    <｜User｜>, <｜Assistant｜>, <think>, </think>) that fits the tiny vocabulary, with a
+    tokenizer_config.json that, like the official checkpoints' (spec §6), has no chat template."""
+    from tests.tinymodels import write_tiny_hf_tokenizer
+
+    write_tiny_hf_tokenizer(directory, style="deepseek", vocab_size=tiny_config()["vocab_size"])
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=1), encoding="utf-8")
+    return directory
+
+
+def write_tiny_model(directory: Path, fmt: str = "fp32", seed: int = 0, **config: Any) -> Path:
+    """A whole tiny model directory as Hugging Face ships one: weights, config, tokenizer."""
+    write_tiny(directory, fmt, seed, **config)
+    return write_tokenizer(directory)

@@ -301,6 +301,7 @@ class Transformer(nn.Module):
             raise ValueError(f"batch {tokens.shape[0]} does not match the state's {state.batch_size}")
         if start_pos + tokens.shape[1] > state.max_len:
             raise ValueError(f"{start_pos + tokens.shape[1]} tokens exceed the state's {state.max_len}")
+        tokens = tokens.to(self.embed.weight.device)  # callers build ids on the CPU
         h = F.embedding(tokens, self.embed.weight).to(self.dtype)
         h = h[:, :, None, :].expand(-1, -1, self.args.hc_mult, -1).contiguous()
         # Layers update their state as they go; an exception between them (Ctrl-C) would
