@@ -21,7 +21,7 @@ from dsv4cli.console import stdout_is_terminal, warn
 from dsv4cli.errors import EXIT_USAGE, CliError
 from dsv4cli.inputs import AskInputs, resolve_ask_arguments
 from engine import paths
-from engine.events import Event, SamplingParams
+from engine.events import Done, Event, SamplingParams
 
 DEFAULT_MODEL = "mini"
 DEFAULT_SYSTEM = (
@@ -65,6 +65,7 @@ class AskOptions:
     cache: bool = True
     cache_read_only: bool = False
     cache_cap: str | None = None
+    log: bool = True
 
 
 def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
@@ -111,6 +112,7 @@ def register(app: typer.Typer) -> None:
         cache_cap: str = typer.Option(
             None, "--cache-cap", metavar="SIZE", help="Prefix cache size cap, e.g. 5G (default $DSV4_CACHE_CAP, else min(20 GB, 10% of the disk))."
         ),
+        no_log: bool = typer.Option(False, "--no-log", help="Keep this exchange out of the conversation log (dsv4 logs)."),
     ) -> None:
         """Ask a model a question, about files or piped text when given.
 
@@ -132,6 +134,7 @@ def register(app: typer.Typer) -> None:
             cache=not no_cache,
             cache_read_only=cache_ro,
             cache_cap=cache_cap,
+            log=not no_log,
         )
         run_ask(list(arguments or []), options)
 
@@ -177,6 +180,39 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
         render.note(f"the answer stopped at --max-tokens {options.max_tokens}")
     if options.verbose and view.done is not None:
         render.print_stats(view.done, model=name, load_s=load_s)
+    if options.log:
+        context = messages[-1]["content"][: -len(PACK_QUESTION_SEPARATOR + inputs.question)] if inputs.has_context else None
+        log_exchange(name, inputs.question, view.text, view.done, system=options.system, context=context,
+                     elapsed_s=time.monotonic() - started - load_s)
+
+
+def log_exchange(model: str, question: str, answer: str, done: Done | None, *, system: str | None,
+                 context: str | None, elapsed_s: float | None, conversation_id: str | None = None,
+                 command: str = "ask") -> str | None:
+    """Keep one exchange in the conversation log; returns its conversation id. A log that
+    cannot be written costs a warning, never the answer already shown."""
+    from dsv4cli.logs import Exchange, LogStore, logging_disabled
+
+    if logging_disabled():
+        return conversation_id
+    usage, timings = (done.usage, done.timings) if done is not None else (None, None)
+    exchange = Exchange(
+        model=model, question=question, answer=answer, system=system, context=context,
+        finish_reason=done.finish_reason if done is not None else "cancelled",
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        cached_tokens=usage.cached_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        ttft_s=timings.ttft_s if timings else None,
+        prefill_s=timings.prefill_s if timings else None,
+        decode_s=timings.decode_s if timings else None,
+        duration_s=elapsed_s,
+    )
+    try:
+        with LogStore() as store:
+            return store.log(exchange, conversation_id=conversation_id, command=command)
+    except CliError as exc:
+        warn(f"not logged: {exc}")
+        return conversation_id
 
 
 def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions) -> Iterator[Event]:
