@@ -1,0 +1,389 @@
+"""An OpenAI-compatible HTTP API in front of one model (`dsv4 serve`), on the standard library.
+
+    GET  /v1/models
+    POST /v1/chat/completions   (stream: server-sent events; else one JSON object)
+    POST /v1/completions        (a prompt string)
+
+The engine is not thread-safe, so one generation runs at a time: requests wait for the
+engine lock, and at most `queue_limit` may wait; more get 503 at once. A client that goes
+away mid-stream is noticed on the next write and its generation is cancelled. Nothing here
+knows the engine: `ServedModel` is the seam (dsv4cli/commands/serve.py adapts engine models).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from engine.events import Done, Event, SamplingParams, TextDelta
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20   # a 1M-token prompt is ~4 MB of text; leave room for JSON
+DEFAULT_QUEUE_LIMIT = 8
+DEFAULT_MAX_TOKENS = 512
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ServedModel(Protocol):
+    """What the server needs from a model."""
+
+    model_id: str
+    context_length: int
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def text_prompt(self, text: str) -> list[int]: ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: Callable[[], bool]) -> Iterator[Event]: ...
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class ServerStats:
+    """Counters tests and the benchmark read."""
+
+    requests: int = 0
+    rejected_busy: int = 0
+    cancelled: int = 0
+    last_done: Done | None = None
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        model: ServedModel,
+        *,
+        api_key: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        default_repetition_penalty: float = 1.0,
+    ):
+        super().__init__(address, _Handler)
+        self.model = model
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.default_max_tokens = default_max_tokens
+        self.default_repetition_penalty = default_repetition_penalty
+        self.stats = ServerStats()
+        self.engine_lock = threading.Lock()
+        # The running request plus the waiting ones; acquiring never blocks.
+        self.slots = threading.BoundedSemaphore(queue_limit + 1)
+        self.created = int(time.time())
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def start_in_thread(server: ApiServer) -> threading.Thread:
+    """Serve in a daemon thread (tests, the benchmark); stop with server.shutdown()."""
+    thread = threading.Thread(target=server.serve_forever, name="dsv4-serve", daemon=True)
+    thread.start()
+    return thread
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"
+    server_version = "dsv4"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # stdout is the payload channel, and per-request lines on stderr are noise
+
+    # ---------------------------------------------------------------- routing
+
+    def do_GET(self) -> None:
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:
+        self._dispatch(self._post)
+
+    def _dispatch(self, handler: Callable[[], None]) -> None:
+        try:
+            self._check_auth()
+            handler()
+        except ApiError as exc:
+            self._send_json(exc.status, exc.body)
+        except _ClientGone:
+            self.close_connection = True
+
+    def _get(self) -> None:
+        if self.path.rstrip("/") != "/v1/models":
+            raise ApiError(404, f"no route {self.path}", code="not_found")
+        entry = {"id": self.server.model.model_id, "object": "model", "created": self.server.created,
+                 "owned_by": "dsv4", "max_model_len": self.server.model.context_length}
+        self._send_json(200, {"object": "list", "data": [entry]})
+
+    def _post(self) -> None:
+        route = self.path.rstrip("/")
+        if route not in ("/v1/chat/completions", "/v1/completions"):
+            self._discard_body()
+            raise ApiError(404, f"no route {self.path}", code="not_found")
+        request = self._read_json()
+        chat = route == "/v1/chat/completions"
+        model = self.server.model
+        requested = request.get("model")
+        if requested is not None and requested != model.model_id:
+            raise ApiError(404, f"the model {requested!r} does not exist; this server has {model.model_id!r}", param="model", code="model_not_found")
+        prompt_ids = model.chat_prompt(_messages(request)) if chat else model.text_prompt(_prompt(request))
+        params = self._params(request, len(prompt_ids))
+        if not self.server.slots.acquire(blocking=False):
+            self.server.stats.rejected_busy += 1
+            raise ApiError(503, "the server is busy: too many requests are waiting", type="server_error", code="server_busy")
+        try:
+            with self.server.engine_lock:
+                self.server.stats.requests += 1
+                self._answer(request, chat, prompt_ids, params)
+        finally:
+            self.server.slots.release()
+
+    # ---------------------------------------------------------------- requests
+
+    def _check_auth(self) -> None:
+        key = self.server.api_key
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            self._discard_body()
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    def _body_length(self) -> int:
+        try:
+            return int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return -1
+
+    def _discard_body(self) -> None:
+        length = self._body_length()
+        if 0 < length <= self.server.max_body_bytes:
+            self.rfile.read(length)
+        else:
+            self.close_connection = True
+
+    def _read_json(self) -> dict[str, Any]:
+        length = self._body_length()
+        if length < 0 or "chunked" in self.headers.get("Transfer-Encoding", ""):
+            self.close_connection = True
+            raise ApiError(400, "send the request body with a Content-Length")
+        if length > self.server.max_body_bytes:
+            self.close_connection = True  # the unread body would be parsed as the next request
+            raise ApiError(413, f"the request body has {length:,} bytes; the limit is {self.server.max_body_bytes:,}", code="request_too_large")
+        try:
+            request = json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(request, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return request
+
+    def _params(self, request: dict[str, Any], prompt_tokens: int) -> SamplingParams:
+        context = self.server.model.context_length
+        room = context - prompt_tokens
+        asked = request.get("max_completion_tokens", request.get("max_tokens"))
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
+            raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+                f"and {asked or 1} more were asked for",
+                param="messages", code="context_length_exceeded",
+            )
+        stop = request.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+            raise ApiError(400, "stop must be a string or a list of strings", param="stop")
+        try:
+            return SamplingParams(
+                max_tokens=asked if asked is not None else min(self.server.default_max_tokens, room),
+                temperature=_number(request, "temperature", 1.0, 0.0, 2.0),
+                top_p=_number(request, "top_p", 1.0, 0.0, 1.0),
+                top_k=int(_number(request, "top_k", 0, 0, 1 << 20)),
+                repetition_penalty=_number(request, "repetition_penalty", self.server.default_repetition_penalty, 0.01, 10.0),
+                seed=None if request.get("seed") is None else int(request["seed"]),
+                stop=tuple(stop),
+            )
+        except (TypeError, ValueError):
+            raise ApiError(400, "seed must be an integer", param="seed") from None
+
+    # ---------------------------------------------------------------- answers
+
+    def _answer(self, request: dict[str, Any], chat: bool, prompt_ids: list[int], params: SamplingParams) -> None:
+        cancelled = threading.Event()
+        events = self.server.model.generate(prompt_ids, params, cancelled.is_set)
+        answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if request.get("stream"):
+            options = request.get("stream_options") or {}
+            include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+            self._stream(events, cancelled, chat, answer_id, include_usage)
+            return
+        done = None
+        pieces: list[str] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+            elif isinstance(event, Done):
+                done = event
+        assert done is not None, "a generation always ends with Done"
+        self.server.stats.last_done = done
+        text = done.text or "".join(pieces)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text})
+        choice.update(finish_reason=_finish_reason(done), logprobs=None)
+        self._send_json(200, {
+            "id": answer_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": self.server.model.model_id, "choices": [choice], "usage": _usage(done),
+        })
+
+    def _stream(self, events: Iterator[Event], cancelled: threading.Event, chat: bool, answer_id: str, include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        head = {"id": answer_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.server.model.model_id}
+
+        def chunk(content: str | None, finish: str | None) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {} if content is None else {"content": content}
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": content or ""}
+            choice.update(finish_reason=finish, logprobs=None)
+            return {**head, "choices": [choice]}
+
+        done = None
+        try:
+            if chat:
+                self._send_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
+            for event in events:
+                if isinstance(event, TextDelta):
+                    self._send_event(chunk(event.text, None))
+                elif isinstance(event, Done):
+                    done = event
+            assert done is not None, "a generation always ends with Done"
+            self._send_event(chunk(None, _finish_reason(done)))
+            if include_usage:
+                self._send_event({**head, "choices": [], "usage": _usage(done)})
+            self._write(b"data: [DONE]\n\n")
+        except _ClientGone:
+            # The engine sees the flag before its next token and ends with Done("cancelled").
+            cancelled.set()
+            self.server.stats.cancelled += 1
+            for event in events:
+                if isinstance(event, Done):
+                    done = event
+            raise
+        finally:
+            self.server.stats.last_done = done
+
+    # ---------------------------------------------------------------- writing
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status, HTTPStatus(status).phrase)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _send_event(self, body: dict[str, Any]) -> None:
+        self._write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+            raise _ClientGone from exc
+
+
+def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, "each message needs a role and content", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        if not isinstance(content, str):
+            raise ApiError(400, "message content must be a string or text parts", param="messages")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _prompt(request: dict[str, Any]) -> str:
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+    return prompt
+
+
+def _number(request: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = request.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"{key} must be a number from {low:g} to {high:g}", param=key)
+    return float(value)
+
+
+def _finish_reason(done: Done) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _usage(done: Done) -> dict[str, Any]:
+    usage = done.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def warn_if_exposed(host: str) -> None:
+    if not is_loopback(host):
+        print(f"Warning: serving on {host}, reachable from other machines; use --api-key", file=sys.stderr)
