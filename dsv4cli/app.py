@@ -13,9 +13,9 @@ from dsv4cli import errors
 
 # Subcommand -> the module in dsv4cli.commands that registers it. The order of _MODULES is
 # the order `dsv4 --help` lists the commands in.
-_MODULES = ("pack", "ask", "models", "cache", "config", "logs", "review", "hook", "serve", "completion")
+_MODULES = ("pack", "ask", "chat", "models", "cache", "config", "logs", "review", "hook", "serve", "completion")
 _COMMAND_MODULES = {
-    "pack": "pack", "ask": "ask", "pull": "models", "models": "models", "cache": "cache",
+    "pack": "pack", "ask": "ask", "chat": "chat", "pull": "models", "models": "models", "cache": "cache",
     "config": "config", "logs": "logs", "review": "review", "hook": "hook", "serve": "serve", "completion": "completion",
 }
 _COMPLETION_VARIABLE = "_DSV4_COMPLETE"

@@ -1,0 +1,497 @@
+"""`dsv4 chat [SOURCE...]`: a conversation about packed sources, one turn after another.
+
+The sources are packed once and put first in the first user message; every later prompt is
+the previous prompt, the previous answer and the new question, so each turn's prompt starts
+with the one before it and the prefix cache serves everything but the newest turn. The pack
+is fitted to a share of the context (the rest is left for the conversation). Conversations
+go to the log as they happen; `--continue`/`--cid` rebuild the very same prompt from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dsv4cli import render
+from dsv4cli.commands import ask as ask_command
+from dsv4cli.console import err, stdout_is_terminal, warn
+from dsv4cli.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, format_error
+from dsv4cli.inputs import STDIN, AskInputs
+from engine.events import Done, Event, SamplingParams, TextDelta
+
+# The pack takes at most this share of what the context leaves; the rest holds the turns.
+PACK_SHARE = 0.75
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINKING_MODELS = ("flash", "pro")
+HELP = """\
+/clear          forget the turns (the packed sources stay)
+/save FILE      save the conversation (.md: Markdown, otherwise JSON)
+/load FILE      load a conversation saved by /save
+/model NAME     switch the model (mini, flash, pro or a path)
+/stats          tokens and timings of the last turn and of the session
+/help           this list
+Ctrl-C stops a reply, Ctrl-D (or /exit) leaves. Multi-line: end a line with \\, or
+start a block with \"\"\" and end it with \"\"\"; on a terminal Esc then Enter adds a line."""
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    logged: bool = False
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = "cancelled"
+
+    def add(self, other: TurnStats) -> None:
+        for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "ttft_s", "prefill_s", "decode_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    model: str | None = None
+    system: str | None = ask_command.DEFAULT_SYSTEM
+    max_tokens: int = ask_command.DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    cache: bool = True
+    cache_read_only: bool = False
+    resume: str | None = None  # "latest" or a conversation id (prefix)
+    log: bool = True
+    think: bool = False
+
+
+@dataclass
+class ChatSession:
+    """The conversation: its system prompt, the pack, the turns, and where it is logged."""
+
+    system: str | None
+    context: str | None
+    turns: list[Turn] = field(default_factory=list)
+    conversation_id: str | None = None
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for index, turn in enumerate([*self.turns, Turn(question, "")]):
+            content = turn.question
+            if index == 0 and self.context is not None:
+                content = self.context + ask_command.PACK_QUESTION_SEPARATOR + turn.question
+            out.append({"role": "user", "content": content})
+            if index < len(self.turns):
+                out.append({"role": "assistant", "content": turn.answer})
+        return out
+
+    def to_dict(self, model: str) -> dict[str, Any]:
+        return {
+            "model": model,
+            "system": self.system,
+            "context": self.context,
+            "turns": [{"question": t.question, "answer": t.answer} for t in self.turns],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatSession:
+        turns = [Turn(str(t["question"]), str(t["answer"])) for t in data.get("turns", [])]
+        return cls(data.get("system"), data.get("context"), turns)
+
+
+class ThinkSplitter:
+    """Splits streamed text into reasoning and answer on `<think>`/`</think>`, tags that may
+    arrive cut across deltas. In thinking mode the prompt already ends with `<think>`
+    (DeepSeek-V4), so the reply starts inside the reasoning."""
+
+    def __init__(self, thinking: bool):
+        self.thinking = thinking
+        self._pending = ""
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        """(is_reasoning, text) pieces, in order; a possible tag prefix is held back."""
+        self._pending += text
+        pieces: list[tuple[bool, str]] = []
+        while self._pending:
+            tag = THINK_CLOSE if self.thinking else THINK_OPEN
+            at = self._pending.find(tag)
+            if at >= 0:
+                if at:
+                    pieces.append((self.thinking, self._pending[:at]))
+                self._pending = self._pending[at + len(tag):]
+                self.thinking = not self.thinking
+                continue
+            keep = _partial_tag_length(self._pending, tag)
+            ready = self._pending[: len(self._pending) - keep]
+            if ready:
+                pieces.append((self.thinking, ready))
+            self._pending = self._pending[len(ready):]
+            break
+        return pieces
+
+    def flush(self) -> list[tuple[bool, str]]:
+        rest, self._pending = self._pending, ""
+        return [(self.thinking, rest)] if rest else []
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("chat")
+    def chat(
+        sources: list[str] = typer.Argument(None, metavar="[SOURCE]...", help="Files or directories to pack once, before the conversation."),
+        model: str = typer.Option(None, "--model", "-m", envvar="DSV4_MODEL", help="Alias (mini, flash, pro) or path; default mini, or the resumed conversation's."),
+        system: str = typer.Option(None, "--system", "-s", help="System prompt ('' for the model's own default)."),
+        max_tokens: int = typer.Option(ask_command.DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Longest answer per turn, in tokens."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
+        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
+        resume_latest: bool = typer.Option(False, "--continue", "-c", help="Resume the latest conversation."),
+        cid: str = typer.Option(None, "--cid", metavar="ID", help="Resume this conversation (an id from 'dsv4 logs', or a unique prefix)."),
+        no_log: bool = typer.Option(False, "--no-log", help="Keep this conversation out of the log."),
+        think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed, apart from the answer."),
+    ) -> int:
+        """Talk with a model about files: the SOURCEs are packed once, each turn reuses the cached prefix.
+
+        Type /help in the chat for its commands. With a piped stdin, each line is one message.
+        """
+        if resume_latest and cid:
+            raise CliError("--continue and --cid cannot be combined", "see 'dsv4 chat --help'", exit_code=EXIT_USAGE)
+        options = ChatOptions(
+            model=model,
+            system=None if system is None else (system or ""),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            cache=not no_cache,
+            cache_read_only=cache_ro,
+            resume="latest" if resume_latest else cid,
+            log=not no_log,
+            think=think,
+        )
+        return run_chat(list(sources or []), options)
+
+
+def run_chat(sources: list[str], options: ChatOptions) -> int:
+    from dsv4cli import repl
+
+    if STDIN in sources:
+        raise CliError("chat reads its messages from stdin, so '-' cannot be a SOURCE", "pass files or directories", exit_code=EXIT_USAGE)
+    for source in sources:
+        if not Path(source).expanduser().exists():
+            raise CliError(f"no such file or directory: {source}", "SOURCEs are files or directories to pack")
+    resumed = _resumed_session(options.resume) if options.resume else None
+    if resumed is not None and sources:
+        raise CliError("a resumed conversation keeps its own sources", "give no SOURCE with --continue or --cid", exit_code=EXIT_USAGE)
+    model_name = options.model or (resumed[1] if resumed else None) or ask_command.DEFAULT_MODEL
+    chat = _Chat(options, *ask_command._open_model(model_name))
+    if resumed is not None:
+        chat.session = resumed[0]
+        if options.system is not None:
+            chat.session.system = options.system or None
+        render.note(f"resumed conversation {chat.session.conversation_id} ({len(chat.session.turns)} turn(s))")
+    else:
+        system = ask_command.DEFAULT_SYSTEM if options.system is None else (options.system or None)
+        chat.session = ChatSession(system, chat.pack(sources, system) if sources else None)
+    return chat.loop(repl.message_source())
+
+
+def _resumed_session(which: str) -> tuple[ChatSession, str] | None:
+    from dsv4cli.logs import LogStore
+
+    with LogStore() as store:
+        conversation_id = store.latest_conversation() if which == "latest" else store.resolve_id(which)
+        if conversation_id is None:
+            raise CliError("there is no conversation to continue", "start one with 'dsv4 chat' or 'dsv4 ask'")
+        conversation = store.get_conversation(conversation_id)
+        exchanges = conversation.exchanges
+        if not exchanges:
+            raise CliError(f"conversation {conversation_id} has no exchanges", "start a new one with 'dsv4 chat'")
+        first = exchanges[0]
+        context = store.blob(first.context_sha256) if first.context_sha256 else None
+    session = ChatSession(first.system, context, [Turn(e.question, e.answer, logged=True) for e in exchanges], conversation_id)
+    return session, exchanges[-1].model
+
+
+class _Chat:
+    def __init__(self, options: ChatOptions, name: str, model: ask_command.LoadedModel):
+        self.options = options
+        self.name, self.model = name, model
+        self.session = ChatSession(None, None)
+        self.last: TurnStats | None = None
+        self.total = TurnStats()
+        self.turns_answered = 0
+        self.failed = False
+        self._warn_about_think()
+
+    # ---- setup
+
+    def pack(self, sources: list[str], system: str | None) -> str:
+        tokenizer, context = self.model.tokenizer, self.model.context_length
+        head = [{"role": "system", "content": system}] if system else []
+        overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": ask_command.PACK_QUESTION_SEPARATOR}]))
+        room = context - overhead - ask_command._JOIN_SLACK_TOKENS - self.options.max_tokens
+        budget = int(room * PACK_SHARE)
+        if budget <= 0:
+            raise CliError(f"context too long: {self.name} holds {context:,} tokens, which leaves no room for a pack",
+                           "lower --max-tokens or use a model with a longer context")
+        inputs = AskInputs(tuple(sources), "", None)
+        pack_options = ask_command.AskOptions(model=self.name, max_tokens=self.options.max_tokens)
+        return ask_command._pack(inputs, pack_options, tokenizer, budget, context, self.name).text
+
+    def _thinking(self) -> bool:
+        return self.options.think and self.name in THINKING_MODELS
+
+    def _warn_about_think(self) -> None:
+        if self.options.think and self.name not in THINKING_MODELS:
+            render.note(f"--think: {self.name} has no thinking mode; it answers directly")
+
+    # ---- the loop
+
+    def loop(self, source: Any) -> int:
+        from dsv4cli.repl import PipedMessages
+
+        interactive = not isinstance(source, PipedMessages)
+        if interactive:
+            render.note(f"chatting with {self.name}; /help for commands, Ctrl-D to leave")
+        while True:
+            try:
+                message = source.read()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line, as in a shell
+            if not message.strip():
+                continue
+            if message.strip() in ("/exit", "/quit", "/bye"):
+                break
+            try:
+                if message.startswith("/"):
+                    self.command(message.strip())
+                else:
+                    self.turn(message)
+            except CliError as exc:
+                self.failed = True
+                err().print(format_error(str(exc), exc.hint), markup=False, highlight=False)
+            except Exception as exc:  # noqa: BLE001 - an engine error ends the turn, not the chat
+                from dsv4cli import errors
+
+                if errors.debug_enabled():
+                    raise
+                self.failed = True
+                errors.report(exc)
+        return EXIT_ERROR if self.failed and not interactive else EXIT_OK
+
+    def command(self, line: str) -> None:
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if name == "/help":
+            _say(HELP)
+        elif name == "/clear":
+            self.session = ChatSession(self.session.system, self.session.context)
+            _say("conversation cleared (the packed sources stay)")
+        elif name == "/save":
+            self.save(_needs(argument, "/save FILE"))
+        elif name == "/load":
+            self.load(_needs(argument, "/load FILE"))
+        elif name == "/model":
+            self.switch_model(_needs(argument, "/model NAME"))
+        elif name == "/stats":
+            self.stats()
+        else:
+            raise CliError(f"unknown command {name}", "/help lists the commands")
+
+    def turn(self, question: str) -> None:
+        session = self.session
+        messages = session.messages(question)
+        thinking = self._thinking()
+        template_kwargs = {"thinking": True} if thinking else {}
+        prompt_ids = self.model.tokenizer.render_chat(messages, **template_kwargs)
+        context = self.model.context_length
+        if len(prompt_ids) + self.options.max_tokens > context:
+            raise CliError(
+                f"context full: this turn needs {len(prompt_ids):,} tokens and --max-tokens {self.options.max_tokens:,} more, "
+                f"but {self.name} holds {context:,}",
+                "/clear starts over with the same sources, or /save then start a new chat",
+            )
+        params = SamplingParams(
+            max_tokens=self.options.max_tokens,
+            temperature=self.options.temperature,
+            repetition_penalty=ask_command._DEFAULT_REPETITION_PENALTY.get(self.name, 1.0),
+        )
+        started = time.monotonic()
+        mode: render.AnswerMode = "markdown" if stdout_is_terminal() else "plain"
+        view = render.AnswerView(mode, self.name)
+        splitter = ThinkSplitter(thinking)
+        answer_tokens = 0
+        interrupted = False
+        with view:
+            events = self._events(messages, prompt_ids, params, template_kwargs)
+            try:
+                with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
+                    for event in events:
+                        if isinstance(event, TextDelta):
+                            answer_tokens = event.completion_tokens
+                            for reasoning, text in splitter.feed(event.text):
+                                self._show(view, reasoning, text, answer_tokens)
+                        elif isinstance(event, Done):
+                            for reasoning, text in splitter.flush():
+                                self._show(view, reasoning, text, answer_tokens)
+                            view.handle(dataclasses.replace(event, text=view.text))
+                        else:
+                            view.handle(event)
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            render.note("stopped")
+        done = view.done
+        stats = _stats(done)
+        if interrupted or done is None:
+            stats.completion_tokens = answer_tokens
+        self.last = stats
+        self.total.add(stats)
+        self.turns_answered += 1
+        for warning in ((done.extra.get("cache") if done is not None else None) or {}).get("warnings", []):
+            warn(warning)
+        if done is not None and done.finish_reason == "length":
+            render.note(f"the answer stopped at --max-tokens {self.options.max_tokens}")
+        session.turns.append(Turn(question, view.text))
+        self._log(done, time.monotonic() - started)
+
+    def _events(self, messages: list[dict[str, str]], prompt_ids: list[int], params: SamplingParams,
+                template_kwargs: dict[str, Any]) -> Iterator[Event]:
+        from engine import cached_generation
+
+        if not cached_generation.supports(self.model):
+            return self.model.chat(messages, params, **template_kwargs)
+        settings = cached_generation.CacheSettings(enabled=self.options.cache, read_only=self.options.cache_read_only)
+        return cached_generation.stream(self.model, prompt_ids, params, settings=settings)
+
+    def _show(self, view: render.AnswerView, reasoning: bool, text: str, tokens: int) -> None:
+        if reasoning:
+            err().print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+        else:
+            view.handle(TextDelta(text, tokens))
+
+    def _log(self, done: Done | None, elapsed_s: float) -> None:
+        if not self.options.log:
+            return
+        session = self.session
+        for index, turn in enumerate(session.turns):
+            if turn.logged:
+                continue
+            is_last = index == len(session.turns) - 1
+            session.conversation_id = ask_command.log_exchange(
+                self.name, turn.question, turn.answer, done if is_last else None,
+                system=session.system, context=session.context if session.conversation_id is None else None,
+                elapsed_s=elapsed_s if is_last else None, conversation_id=session.conversation_id, command="chat",
+            )
+            turn.logged = session.conversation_id is not None
+
+    # ---- slash commands
+
+    def save(self, target: str) -> None:
+        path = Path(target).expanduser()
+        data = self.session.to_dict(self.name)
+        if path.suffix.lower() in (".md", ".markdown"):
+            text = _markdown(data)
+        else:
+            text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+        _say(f"saved {len(self.session.turns)} turn(s) to {path}")
+
+    def load(self, target: str) -> None:
+        path = Path(target).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            data = _parse_saved(text)
+            session = ChatSession.from_dict(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"{path} is not a conversation saved by /save ({exc})") from None
+        self.session = session  # a new log conversation: the loaded turns are logged with the next one
+        _say(f"loaded {len(session.turns)} turn(s) from {path}")
+
+    def switch_model(self, name: str) -> None:
+        self.name, self.model = ask_command._open_model(name)
+        self._warn_about_think()
+        _say(f"now chatting with {self.name}")
+
+    def stats(self) -> None:
+        if self.last is None:
+            _say("no turns yet")
+            return
+        _say("last turn: " + _stats_line(self.last))
+        _say(f"session ({self.turns_answered} turn(s)): " + _stats_line(self.total))
+
+
+def _stats(done: Done | None) -> TurnStats:
+    if done is None:
+        return TurnStats()
+    usage, timings = done.usage, done.timings
+    return TurnStats(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, timings.ttft_s,
+                     timings.prefill_s, timings.decode_s, done.finish_reason)
+
+
+def _stats_line(stats: TurnStats) -> str:
+    return (f"prompt {stats.prompt_tokens:,} tokens ({stats.cached_tokens:,} cached) · completion {stats.completion_tokens:,}"
+            f" · first token {stats.ttft_s:.2f} s · prefill {stats.prefill_s:.2f} s · decode {stats.decode_s:.2f} s")
+
+
+def _say(text: str) -> None:
+    """Replies to slash commands go to stderr: stdout carries only the answers."""
+    err().print(text, markup=False, highlight=False)
+
+
+def _needs(argument: str, usage: str) -> str:
+    if not argument:
+        raise CliError(f"missing argument: {usage}", "/help lists the commands")
+    return argument
+
+
+_SAVED_MARKER = "<!-- dsv4-chat "
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    """Readable Markdown, with the exact conversation as JSON in a trailing comment for /load."""
+    parts = [f"# Chat with {data['model']}\n"]
+    if data["system"]:
+        parts.append(f"**System:** {data['system']}\n")
+    if data["context"]:
+        parts.append(f"<details><summary>Packed sources</summary>\n\n{data['context']}\n\n</details>\n")
+    for turn in data["turns"]:
+        parts.append(f"## You\n\n{turn['question']}\n\n## {data['model']}\n\n{turn['answer']}\n")
+    # '>' escaped so the JSON can never close the comment early
+    parts.append(_SAVED_MARKER + json.dumps(data, ensure_ascii=False).replace(">", "\\u003e") + " -->\n")
+    return "\n".join(parts)
+
+
+def _parse_saved(text: str) -> dict[str, Any]:
+    at = text.rfind(_SAVED_MARKER)
+    if at >= 0:
+        text = text[at + len(_SAVED_MARKER):].rsplit("-->", 1)[0]
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("turns"), list):
+        raise ValueError("no turns")
+    return data
