@@ -20,10 +20,11 @@ import torch
 from gguf.constants import GGMLQuantizationType
 from torch import Tensor
 
+from engine import weights_cache
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile, GGUFTensor
 from engine.llama import Attention, Block, FeedForward, Llama, LlamaArgs, RMSNorm
-from engine.quant import DenseLinear, Int4Linear, Int8Linear, QuantLinear, int4_quantize, int8_quantize_levels, q4_1_unpack, q8_0_dequantize, q8_0_unpack
+from engine.quant import DenseLinear, Int4Linear, Int8Linear, QuantLinear, int4_quantize, int8_quantize_levels, layer_from_exported, q4_1_unpack, q8_0_dequantize, q8_0_unpack
 
 MODES = ("fp32", "bf16", "int8", "int4")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -186,11 +187,37 @@ def make_head(mode: str, rows: QuantLinear) -> QuantLinear:
     return Int8Linear.from_float(rows.dequantize())
 
 
-def build_llama(gguf: GGUFFile, mode: str, progress: Callable[[int, int], None] | None = None) -> Llama:
+def build_llama(gguf: GGUFFile, mode: str, progress: Callable[[int, int], None] | None = None, *, use_cache: bool = True) -> Llama:
+    """The model in `mode`. With `use_cache`, converted weights come from (or go to) the
+    prepared-weights cache (engine/weights_cache.py): a hit skips conversion entirely."""
     if mode not in MODES:
         raise ValueError(f"unknown weight mode {mode!r}; choose one of {MODES}")
     args = llama_args_from_gguf(gguf)
     tied = check_tensors(gguf, args)
+    entry = None
+    if use_cache:
+        try:
+            entry = weights_cache.entry_path(gguf.path, mode)
+        except OSError:
+            entry = None
+    if entry is not None:
+        cached = weights_cache.read(entry)
+        if cached is not None:
+            try:
+                model = _model_from_tensors(args, tied, mode, *cached)
+            except (KeyError, ValueError, RuntimeError, TypeError):
+                model = None
+            if model is not None:
+                if progress:
+                    progress(args.n_layers, args.n_layers)
+                return model
+    model = _convert(gguf, args, tied, mode, progress)
+    if entry is not None:
+        weights_cache.write(entry, *_model_tensors(model, tied, mode))
+    return model
+
+
+def _convert(gguf: GGUFFile, args: LlamaArgs, tied: bool, mode: str, progress: Callable[[int, int], None] | None) -> Llama:
     T = gguf.tensors
     embedding = make_embedding(mode, T["token_embd.weight"])
     head_rows = embedding if tied else make_embedding(mode, T["output.weight"])
@@ -206,3 +233,71 @@ def build_llama(gguf: GGUFFile, mode: str, progress: Callable[[int, int], None] 
             progress(i + 1, args.n_layers)
     norm = RMSNorm(dequantize_to(T["output_norm.weight"], torch.float32), args.norm_eps)
     return Llama(args, embedding, blocks, norm, head, head_rows).eval()
+
+
+def _head_is_derived(mode: str, head_rows: QuantLinear) -> bool:
+    """Whether make_head(mode, head_rows) is free (the rows themselves or a view of them),
+    so the cache need not store the head."""
+    return mode == "fp32" or isinstance(head_rows, Int8Linear)
+
+
+def _model_tensors(model: Llama, tied: bool, mode: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every converted tensor of the model, flat, and the metadata that rebuilds it."""
+    layers: dict[str, QuantLinear] = {"embedding": model.embedding}
+    if not tied:
+        layers["head_rows"] = model.head_rows
+    if not _head_is_derived(mode, model.head_rows):
+        layers["head"] = model.head
+    for i, block in enumerate(model.blocks):
+        layers.update({f"blk.{i}.wqkv": block.attn.wqkv, f"blk.{i}.wo": block.attn.wo, f"blk.{i}.gate_up": block.ffn.w_gate_up, f"blk.{i}.down": block.ffn.w_down})
+    tensors: dict[str, Tensor] = {}
+    kinds: dict[str, str] = {}
+    for name, layer in layers.items():
+        kinds[name], parts = layer.exported()
+        tensors.update({f"{name}.{field}": value for field, value in parts.items()})
+    for i, block in enumerate(model.blocks):
+        tensors[f"blk.{i}.attn_norm"] = block.attn_norm.weight.data
+        tensors[f"blk.{i}.ffn_norm"] = block.ffn_norm.weight.data
+    tensors["norm"] = model.norm.weight.data
+    return tensors, {"mode": mode, "layers": weights_cache.encode_layers(kinds)}
+
+
+def _model_from_tensors(args: LlamaArgs, tied: bool, mode: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Llama:
+    """Inverse of _model_tensors, checking every shape against the GGUF's (ValueError/KeyError)."""
+    if metadata.get("mode") != mode:
+        raise ValueError("cache entry is for another mode")
+    kinds = weights_cache.decode_layers(metadata.get("layers"))
+    used: set[str] = set()
+
+    def layer(name: str, out_features: int, in_features: int) -> QuantLinear:
+        prefix = name + "."
+        parts = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        used.update(prefix + key for key in parts)
+        built = layer_from_exported(kinds[name], parts)
+        if (built.out_features, built.in_features) != (out_features, in_features):
+            raise ValueError(f"cached layer {name} has shape {(built.out_features, built.in_features)}")
+        return built
+
+    def norm(name: str) -> RMSNorm:
+        used.add(name)
+        if tensors[name].shape != (args.dim,) or tensors[name].dtype != torch.float32:
+            raise ValueError(f"cached norm {name} has the wrong shape")
+        return RMSNorm(tensors[name], args.norm_eps)
+
+    E, D, V = args.dim, args.head_dim, args.vocab_size
+    embedding = layer("embedding", V, E)
+    head_rows = embedding if tied else layer("head_rows", V, E)
+    head = make_head(mode, head_rows) if _head_is_derived(mode, head_rows) else layer("head", V, E)
+    blocks = []
+    for i in range(args.n_layers):
+        p = f"blk.{i}."
+        attn = Attention(args, layer(p + "wqkv", (args.n_heads + 2 * args.n_kv_heads) * D, E), layer(p + "wo", E, args.n_heads * D))
+        ffn = FeedForward(layer(p + "gate_up", 2 * args.ffn_dim, E), layer(p + "down", E, args.ffn_dim))
+        blocks.append(Block(args, norm(p + "attn_norm"), attn, norm(p + "ffn_norm"), ffn))
+    final_norm = norm("norm")
+    if used != set(tensors):
+        raise ValueError("cache entry holds unexpected tensors")
+    expected_kind = {"fp32": "dense", "bf16": "dense", "int8": "int8x1", "int4": "int4"}[mode]
+    if blocks and blocks[0].attn.wqkv.exported()[0] != expected_kind:
+        raise ValueError("cache entry holds another weight format")
+    return Llama(args, embedding, blocks, final_norm, head, head_rows).eval()

@@ -67,6 +67,9 @@ class DenseLinear(QuantLinear):
     def dequantize(self) -> Tensor:
         return self.weight.float()
 
+    def exported(self) -> tuple[str, dict[str, Tensor]]:
+        return "dense", {"weight": self.weight.data}
+
 
 # ---- int8 -------------------------------------------------------------------------------
 
@@ -142,6 +145,11 @@ class Int8Linear(QuantLinear):
     def dequantize(self) -> Tensor:
         w = int8_dequantize(self.q, self.scale_fp32)
         return w.view(self.levels, self.out_features, self.in_features).sum(0)
+
+    def exported(self) -> tuple[str, dict[str, Tensor]]:
+        if self.compute_dtype != torch.bfloat16:
+            raise ValueError("only bf16-compute int8 layers are exported")
+        return f"int8x{self.levels}", {"q": self.q, "scale": self.scale_fp32}
 
 
 def int8_quantize_levels(weight: Tensor, levels: int = 1) -> tuple[Tensor, Tensor]:
@@ -251,3 +259,46 @@ class Int4Linear(QuantLinear):
 
     def rows(self, ids: Tensor) -> Tensor:
         raise NotImplementedError("the int4 pack has no row access; keep an embedding int8 or dense")
+
+    def exported(self) -> tuple[str, dict[str, Tensor]]:
+        if self.compute_dtype != torch.bfloat16:
+            raise ValueError("only bf16-compute int4 layers are exported")
+        return "int4", {"packed": self.packed, "scale_zeros": self.scale_zeros, "nibbles": self.nibbles, "scale_min": self.scale_min}
+
+    @classmethod
+    def from_exported(cls, packed: Tensor, scale_zeros: Tensor, nibbles: Tensor, scale_min: Tensor) -> "Int4Linear":
+        """A layer from the buffers `exported` returned (no repacking): the weights cache."""
+        n, groups, half = nibbles.shape
+        k = groups * 2 * half
+        if (
+            2 * half != INT4_GROUP
+            or nibbles.dtype != torch.uint8
+            or scale_zeros.shape != (groups, n, 2)
+            or scale_zeros.dtype != torch.bfloat16
+            or scale_min.shape != (2, n, groups, 1)
+            or scale_min.dtype != torch.float32
+            or packed.dtype != torch.uint8
+            or packed.numel() * 2 != n * k
+        ):
+            raise ValueError("int4 buffers do not describe one layer")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = n, k
+        layer.group = INT4_GROUP
+        layer.compute_dtype = torch.bfloat16
+        for name, value in (("packed", packed), ("scale_zeros", scale_zeros), ("nibbles", nibbles), ("scale_min", scale_min)):
+            layer.register_buffer(name, value)
+        return layer
+
+
+def layer_from_exported(kind: str, tensors: dict[str, Tensor]) -> QuantLinear:
+    """Inverse of `layer.exported()`; raises ValueError when the tensors do not fit `kind`."""
+    if kind == "dense":
+        if tensors["weight"].dim() != 2 or tensors["weight"].dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("dense weight must be 2-D fp32 or bf16")
+        return DenseLinear(tensors["weight"])
+    if kind in ("int8x1", "int8x2"):
+        return Int8Linear(tensors["q"], tensors["scale"].float(), levels=int(kind[-1]))
+    if kind == "int4":
+        return Int4Linear.from_exported(tensors["packed"], tensors["scale_zeros"], tensors["nibbles"], tensors["scale_min"])
+    raise ValueError(f"unknown layer kind {kind!r}")
