@@ -205,6 +205,8 @@ def _resolve_alias(alias: str, *, fetch: bool, progress: Progress | None, note: 
         return ModelRef(alias, target, spec.format, _tree_size(target), alias)
     else:
         # Never fetched implicitly (`dsv4 ask --model flash`): hundreds of gigabytes.
+        if fetch:
+            raise FetchError(f"model {alias} is not installed and is not fetched on first use (looked in {target})", _snapshot_hint(spec))
         raise ModelNotFound(f"model {alias} is not installed (looked in {target})", _snapshot_hint(spec))
     if fetch:
         return fetch_model(alias, progress, note=note)
@@ -375,8 +377,8 @@ class _Skip(Exception):
 
 def _snapshot_hint(spec: ModelSpec) -> str:
     return (
-        f"{spec.size_note or spec.description}; download it with `dsv4 pull {spec.alias}` on a machine "
-        f"that can reach Hugging Face, or pass --model PATH"
+        f"{spec.size_note or spec.description}; download it ({spec.hub_repo}) with `dsv4 pull {spec.alias}` "
+        f"on a machine that can reach Hugging Face, or pass --model PATH"
     )
 
 
