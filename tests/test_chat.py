@@ -5,12 +5,14 @@ tiny real GGUF whose second turn reuses the first turn's cached prefix."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
 
 from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
+from dsv4cli.commands import chat as chat_command
 from dsv4cli.logs import LogStore
 from tests.fake_engine import FakeModel, tiny_tokenizer
 
@@ -64,3 +66,207 @@ def test_ask_no_log_writes_nothing(fake, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", PipedStdin(""))
     assert main(["ask", "--no-log", "hello?"]) == 0
     assert _conversations() == []
+
+
+# ---------------------------------------------------------------- chat with the scripted model
+
+
+@pytest.fixture
+def opened(fake):
+    """The model names chat asked for, in order (`/model` adds one)."""
+    names: list[str] = []
+
+    def open_model(name_or_path: str):
+        names.append(name_or_path)
+        fake.name = name_or_path
+        return name_or_path, fake
+
+    ask_command._open_model = open_model  # monkeypatched back by `fake`'s fixture
+    return names
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "greet.py").write_text('def greet(name):\n    return f"hello {name}"\n')
+    return root
+
+
+def _chat(monkeypatch, lines: str, *args: str) -> int:
+    monkeypatch.setattr(sys, "stdin", PipedStdin(lines))
+    return main(["chat", *args])
+
+
+def test_each_turn_extends_the_previous_prompt(fake, monkeypatch, capsys, repo, tokenizer):
+    assert _chat(monkeypatch, "first?\nsecond?\nthird?\n", str(repo)) == 0
+    out = capsys.readouterr().out
+    assert out == "The answer is 42.\n" * 3  # stdout holds only the answers
+    assert len(fake.calls) == 3
+    first_user = fake.calls[0].messages[1]["content"]
+    assert first_user.startswith('<file path="greet.py">') and first_user.endswith("\n\nfirst?")
+    texts = [tokenizer.render_chat_text(call.messages) for call in fake.calls]
+    for before, after in zip(texts, texts[1:]):
+        assert after.startswith(before)  # the whole earlier prompt is the next one's prefix
+    assert [m["role"] for m in fake.calls[2].messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert fake.calls[2].messages[2]["content"] == "The answer is 42."
+    # The pack appears once, in the first user message only.
+    assert sum("greet.py" in m["content"] for m in fake.calls[2].messages) == 1
+
+
+def test_clear_forgets_the_turns_but_keeps_the_pack(fake, monkeypatch, capsys, repo):
+    assert _chat(monkeypatch, "first?\n/clear\nagain?\n", str(repo)) == 0
+    assert "conversation cleared" in capsys.readouterr().err
+    first, again = fake.calls
+    assert again.messages[:-1] == first.messages[:-1]
+    assert again.user_text.endswith("\n\nagain?") and len(again.messages) == 2
+
+
+@pytest.mark.parametrize("suffix", [".json", ".md"])
+def test_save_then_load_restores_the_conversation(fake, monkeypatch, capsys, repo, tmp_path, suffix):
+    saved = tmp_path / f"talk{suffix}"
+    script = f"first?\n/save {saved}\n/clear\n/load {saved}\nsecond?\n"
+    assert _chat(monkeypatch, script, str(repo)) == 0
+    err = capsys.readouterr().err
+    assert "saved 1 turn(s)" in err and "loaded 1 turn(s)" in err
+    if suffix == ".md":
+        text = saved.read_text()
+        assert "## You\n\nfirst?" in text and "The answer is 42." in text
+    else:
+        assert json.loads(saved.read_text())["turns"] == [{"question": "first?", "answer": "The answer is 42."}]
+    # After /clear and /load the second turn is asked exactly as without them.
+    reference = FakeModel(fake.tokenizer)
+    ask_command._open_model = lambda name: (name, reference)
+    assert _chat(monkeypatch, "first?\nsecond?\n", "--no-log", str(repo)) == 0
+    assert fake.calls[-1].prompt_ids == reference.calls[-1].prompt_ids
+
+
+def test_load_rejects_a_file_that_is_not_a_conversation(fake, monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert _chat(monkeypatch, f"/load {bad}\n") == 1  # piped: a failed command is the exit status
+    assert "is not a conversation saved by /save" in capsys.readouterr().err
+
+
+def test_stats_reports_the_last_turn_and_the_session(fake, monkeypatch, capsys):
+    assert _chat(monkeypatch, "/stats\nhi\nhello\n/stats\n") == 0
+    err = capsys.readouterr().err
+    assert "no turns yet" in err
+    last = next(line for line in err.splitlines() if line.startswith("last turn:"))
+    session = next(line for line in err.splitlines() if line.startswith("session (2 turn(s)):"))
+    prompt = len(fake.calls[1].prompt_ids)
+    assert f"prompt {prompt:,} tokens (0 cached) · completion 2" in last
+    total = len(fake.calls[0].prompt_ids) + prompt
+    assert f"prompt {total:,} tokens" in session and "completion 4" in session
+
+
+def test_model_switches_the_model_and_keeps_the_turns(fake, opened, monkeypatch, capsys):
+    assert _chat(monkeypatch, "hi\n/model flash\nand now?\n") == 0
+    assert opened == ["mini", "flash"]
+    assert "now chatting with flash" in capsys.readouterr().err
+    assert [m["role"] for m in fake.calls[1].messages] == ["system", "user", "assistant", "user"]
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(fake, monkeypatch, capsys):
+    fake.interrupt_after = 1  # every reply is cut after its first piece
+    assert _chat(monkeypatch, "first?\nsecond?\n") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "The answer\n" * 2
+    assert captured.err.count("stopped") == 2
+    # The cut answer stays in the conversation, so "go on" can refer to it.
+    assert fake.calls[1].messages[2] == {"role": "assistant", "content": "The answer"}
+
+
+def test_end_of_input_exits_zero(fake, monkeypatch, capsys):
+    assert _chat(monkeypatch, "") == 0
+    assert fake.calls == []
+    assert capsys.readouterr().out == ""
+
+
+def test_multi_line_messages(fake, monkeypatch, capsys):
+    script = 'one \\\ntwo\n"""\nthree\n\nfour\n"""\n"""five"""\n'
+    assert _chat(monkeypatch, script) == 0
+    assert [call.user_text for call in fake.calls] == ["one \ntwo", "three\n\nfour", "five"]
+
+
+def test_unknown_command_and_missing_argument(fake, monkeypatch, capsys):
+    assert _chat(monkeypatch, "/nope\n/save\n") == 1
+    err = capsys.readouterr().err
+    assert "Error: unknown command /nope (/help lists the commands)" in err
+    assert "missing argument: /save FILE" in err
+    assert fake.calls == []
+
+
+def test_continue_rebuilds_the_same_prompt(fake, monkeypatch, capsys, repo):
+    assert _chat(monkeypatch, "first?\nsecond?\nthird?\n", str(repo)) == 0
+    uninterrupted = fake.calls[2].prompt_ids
+    fake.calls.clear()
+    assert _chat(monkeypatch, "first?\nsecond?\n", str(repo)) == 0
+    assert _chat(monkeypatch, "third?\n", "--continue") == 0
+    assert fake.calls[-1].prompt_ids == uninterrupted  # byte-identical: the prefix cache hits
+    conversations = _conversations()
+    assert [(c.command, c.exchanges) for c in conversations] == [("chat", 3), ("chat", 3)]
+    # --cid with a unique prefix picks the older conversation
+    older = conversations[1].id
+    assert _chat(monkeypatch, "fourth?\n", "--cid", older[:20].lower()) == 0
+    assert "resumed conversation " + older in capsys.readouterr().err
+    with LogStore() as store:
+        assert len(store.get_conversation(older).exchanges) == 4
+
+
+def test_continue_refuses_sources_and_needs_a_conversation(fake, monkeypatch, capsys, repo):
+    assert _chat(monkeypatch, "", "--continue") == 1
+    assert "there is no conversation to continue" in capsys.readouterr().err
+    assert _chat(monkeypatch, "hi\n") == 0
+    assert _chat(monkeypatch, "", "--continue", str(repo)) == 2
+    assert _chat(monkeypatch, "", "--continue", "--cid", "01") == 2
+
+
+def test_no_log_keeps_the_chat_out_of_the_log(fake, monkeypatch, capsys):
+    assert _chat(monkeypatch, "hi\nagain\n", "--no-log") == 0
+    assert _conversations() == []
+
+
+def test_loaded_turns_are_logged_with_the_next_one(fake, monkeypatch, capsys, tmp_path):
+    saved = tmp_path / "talk.json"
+    assert _chat(monkeypatch, f"first?\n/save {saved}\n", "--no-log") == 0
+    assert _chat(monkeypatch, f"/load {saved}\nsecond?\n") == 0
+    with LogStore() as store:
+        [summary] = store.list_conversations()
+        assert [e.question for e in store.get_conversation(summary.id).exchanges] == ["first?", "second?"]
+
+
+# ---------------------------------------------------------------- --think
+
+
+def test_think_splitter_handles_tags_cut_across_deltas():
+    splitter = chat_command.ThinkSplitter(thinking=True)
+    pieces = []
+    for delta in ["Let me", " see.</th", "ink>It is", " 42.<", "think>more</think>!"]:
+        pieces += splitter.feed(delta)
+    pieces += splitter.flush()
+    reasoning = "".join(text for is_reasoning, text in pieces if is_reasoning)
+    answer = "".join(text for is_reasoning, text in pieces if not is_reasoning)
+    assert (reasoning, answer) == ("Let me see.more", "It is 42.!")
+    # outside thinking mode a "<" that may start a tag waits for the next delta, then is text
+    plain = chat_command.ThinkSplitter(thinking=False)
+    assert plain.feed("a <") == [(False, "a ")]
+    assert plain.feed(" b") + plain.flush() == [(False, "< b")]
+
+
+def test_think_shows_reasoning_apart_from_the_answer(fake, monkeypatch, capsys):
+    fake.answer = ("Hmm, greet", " says hi.</think>", "It says hello.")
+    assert _chat(monkeypatch, "what?\n", "--think", "--model", "flash") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "It says hello.\n"
+    assert "Hmm, greet says hi." in captured.err
+    with LogStore() as store:
+        [summary] = store.list_conversations()
+        assert store.get_conversation(summary.id).exchanges[0].answer == "It says hello."
+
+
+def test_think_is_a_no_op_for_mini(fake, monkeypatch, capsys):
+    assert _chat(monkeypatch, "what?\n", "--think") == 0
+    captured = capsys.readouterr()
+    assert "mini has no thinking mode" in captured.err
+    assert captured.out == "The answer is 42.\n"
