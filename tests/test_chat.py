@@ -270,3 +270,76 @@ def test_think_is_a_no_op_for_mini(fake, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "mini has no thinking mode" in captured.err
     assert captured.out == "The answer is 42.\n"
+
+
+# ---------------------------------------------------------------- a real terminal
+
+_PTY_DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.fake_engine import FakeModel, tiny_tokenizer
+from dsv4cli.commands import ask
+model = FakeModel(tiny_tokenizer(Path(sys.argv[2])))
+ask._open_model = lambda name: (name, model)
+from dsv4cli.app import main
+main(["chat"])
+"""
+
+
+def _read_until(fd: int, needle: bytes, seen: bytearray, timeout: float = 60.0) -> bool:
+    import os
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return needle in seen
+            if not chunk:
+                return needle in seen
+            seen += chunk
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_a_typed_line_in_a_real_terminal_then_ctrl_d(tmp_path, dsv4_home):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_PTY_DRIVER)
+    root = Path(__file__).resolve().parent.parent
+    primary, secondary = os.openpty()
+    environment = {**os.environ, "DSV4_HOME": str(dsv4_home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",
+                   "COLUMNS": "80", "LINES": "24"}
+    environment.pop("NO_COLOR", None)
+    child = subprocess.Popen([sys.executable, str(driver), str(root), str(tmp_path)],
+                             stdin=secondary, stdout=secondary, stderr=secondary, env=environment, close_fds=True)
+    os.close(secondary)
+    seen = bytearray()
+    try:
+        assert _read_until(primary, b">>>", seen), seen.decode(errors="replace")
+        os.write(primary, b"hello there\r")
+        assert _read_until(primary, b"42", seen), seen.decode(errors="replace")
+        seen = bytearray(seen[seen.index(b"42"):])  # then wait for the next prompt
+        assert _read_until(primary, b">>>", seen), seen.decode(errors="replace")
+        os.write(primary, b"\x04")  # Ctrl-D
+        assert child.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(primary)
+    history = (dsv4_home / "logs" / "chat_history").read_text()
+    assert "+hello there" in history  # the line editor kept it for the next session
+    with LogStore() as store:
+        [summary] = store.list_conversations()
+        assert summary.command == "chat" and summary.title == "hello there"
