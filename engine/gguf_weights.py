@@ -136,16 +136,17 @@ def dequantize_to(t: GGUFTensor, dtype: torch.dtype) -> Tensor:
 
 
 def _int8_parts(t: GGUFTensor, levels: int = 1) -> tuple[Tensor, Tensor]:
-    """Per-channel int8 of a tensor, chunk by chunk; with 2 levels the rows are ordered
-    [all first-level rows; all second-level rows] as Int8Linear expects."""
-    qs: list[list[Tensor]] = [[] for _ in range(levels)]
-    scales: list[list[Tensor]] = [[] for _ in range(levels)]
-    for lo in range(0, t.shape[0], _ROW_CHUNK):
-        q, s = int8_quantize_levels(dequantize_rows(t, lo, min(t.shape[0], lo + _ROW_CHUNK)), levels)
-        for level, (ql, sl) in enumerate(zip(q.chunk(levels), s.chunk(levels))):
-            qs[level].append(ql)
-            scales[level].append(sl)
-    return torch.cat([x for level in qs for x in level]), torch.cat([x for level in scales for x in level])
+    """Per-channel int8 of a tensor, chunk by chunk into preallocated outputs; with 2 levels
+    the rows are ordered [all first-level rows; all second-level rows] as Int8Linear expects."""
+    rows, cols = t.shape
+    q = torch.empty(levels, rows, cols, dtype=torch.int8)
+    scale = torch.empty(levels, rows, dtype=torch.float32)
+    for lo in range(0, rows, _ROW_CHUNK):
+        hi = min(rows, lo + _ROW_CHUNK)
+        ql, sl = int8_quantize_levels(dequantize_rows(t, lo, hi), levels)
+        q[:, lo:hi] = ql.view(levels, hi - lo, cols)
+        scale[:, lo:hi] = sl.view(levels, hi - lo)
+    return q.view(levels * rows, cols), scale.view(-1)
 
 
 def _int4_parts(t: GGUFTensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,6 +164,9 @@ def make_linear(mode: str, parts: list[GGUFTensor]) -> QuantLinear:
         qs, scales = zip(*(_int8_parts(t) for t in parts))
         return Int8Linear(torch.cat(qs), torch.cat(scales))
     if mode == "int4":
+        if all(t.ggml_type == GGMLQuantizationType.Q4_1 for t in parts):
+            # One copy of the raw blocks (the memory map is read-only), no unpacked temporaries.
+            return Int4Linear.from_q4_1(torch.from_numpy(np.concatenate([np.asarray(t.data) for t in parts])))
         q, scale, minimum = (torch.cat(x) for x in zip(*(_int4_parts(t) for t in parts)))
         return Int4Linear(q, scale, minimum)
     raise ValueError(f"unknown weight mode {mode!r}; choose one of {MODES}")

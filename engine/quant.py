@@ -190,11 +190,22 @@ def q4_1_unpack(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """GGUF Q4_1 bytes [N, K / 32 * 20] -> (q uint8 [N, K], scale fp32, minimum fp32 [N, K / 32])."""
     n = blocks.shape[0]
     b = blocks.reshape(n, -1, 20)
-    scale = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-    minimum = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-    packed = b[..., 4:20]
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # low nibbles: 0..15, high: 16..31
-    return q.reshape(n, -1), scale, minimum
+    scale, minimum = _q4_1_scale_min(b)
+    q = torch.empty(n, b.shape[1], 32, dtype=torch.uint8)
+    _q4_1_split_nibbles(b[..., 4:20], q)
+    return q.view(n, -1), scale, minimum
+
+
+def _q4_1_scale_min(b: Tensor) -> tuple[Tensor, Tensor]:
+    """(d, m) of Q4_1 blocks b [N, groups, 20] as fp32 [N, groups] each."""
+    dm = b[..., 0:4].contiguous().view(torch.float16).float()  # [N, groups, 2]
+    return dm[..., 0].contiguous(), dm[..., 1].contiguous()
+
+
+def _q4_1_split_nibbles(packed: Tensor, out: Tensor) -> None:
+    """packed [N, groups, 16] nibble pairs -> out [N, groups, 32] (low nibbles first), in place."""
+    torch.bitwise_and(packed, 0x0F, out=out[..., :16])
+    torch.bitwise_right_shift(packed, 4, out=out[..., 16:])
 
 
 def q8_0_unpack(blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,7 +231,9 @@ class Int4Linear(QuantLinear):
 
     mode = "int4"
 
-    def __init__(self, q: Tensor, scale: Tensor, minimum: Tensor, group: int = INT4_GROUP, compute_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, q: Tensor, scale: Tensor, minimum: Tensor, group: int = INT4_GROUP, compute_dtype: torch.dtype = torch.bfloat16, nibbles: Tensor | None = None):
+        """q [N, K] in 0..15 (any integer dtype); `nibbles`, when the caller has them already
+        (Q4_1's bytes), must be q's values packed as `expand` reads them."""
         super().__init__()
         n, k = q.shape
         if group != INT4_GROUP or k % group or scale.shape != (n, k // group) or minimum.shape != (n, k // group):
@@ -233,13 +246,27 @@ class Int4Linear(QuantLinear):
         scale_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(compute_dtype).contiguous()
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zeros", scale_zeros)  # [K / group, N, 2]
-        blocks = q.to(torch.uint8).view(n, k // group, group)
-        self.register_buffer("nibbles", blocks[..., : group // 2] | (blocks[..., group // 2 :] << 4))
+        if nibbles is None:
+            blocks = q.to(torch.uint8).view(n, k // group, group)
+            nibbles = blocks[..., : group // 2] | (blocks[..., group // 2 :] << 4)
+        self.register_buffer("nibbles", nibbles.reshape(n, k // group, group // 2))
         self.register_buffer("scale_min", torch.stack([scale.float(), minimum.float()]).unsqueeze(-1))  # [2, N, K/G, 1]
 
     @classmethod
     def from_float(cls, weight: Tensor, group: int = INT4_GROUP, compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
         return cls(*int4_quantize(weight, group), group=group, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_q4_1(cls, blocks: Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        """Straight from GGUF Q4_1 bytes [N, K / 32 * 20] (exact: Q4_1 is the kernel's format
+        with another zero point); its nibble bytes are already our `nibbles`."""
+        n = blocks.shape[0]
+        b = blocks.reshape(n, -1, 20)
+        scale, minimum = _q4_1_scale_min(b)
+        nibbles = b[..., 4:20].contiguous()
+        q = torch.empty(n, b.shape[1], INT4_GROUP, dtype=torch.int32)
+        _q4_1_split_nibbles(nibbles, q)
+        return cls(q.view(n, -1), scale, minimum, compute_dtype=compute_dtype, nibbles=nibbles)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2:
