@@ -108,3 +108,15 @@ def test_dense_linear_casts_to_its_dtype():
 def test_int8_rejects_a_malformed_weight():
     with pytest.raises(ValueError):
         Int8Linear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+
+
+def test_int4_direct_from_q4_1_bytes_equals_unpacked_route():
+    """from_q4_1 reuses Q4_1's nibble bytes; every buffer must match the unpack-then-pack route."""
+    w = _weights(96, 128, seed=4).numpy()
+    blocks = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1))
+    direct, unpacked = Int4Linear.from_q4_1(blocks), Int4Linear(*q4_1_unpack(blocks))
+    for name in ("packed", "scale_zeros", "nibbles", "scale_min"):
+        assert torch.equal(getattr(direct, name), getattr(unpacked, name)), name
+    x = torch.randn(70, 128)  # past DENSE_MIN_ROWS: the expanded path reads the nibbles
+    assert torch.equal(direct(x), unpacked(x))
+    assert torch.equal(direct(x[:3]), unpacked(x[:3]))
