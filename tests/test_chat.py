@@ -343,3 +343,36 @@ def test_a_typed_line_in_a_real_terminal_then_ctrl_d(tmp_path, dsv4_home):
     with LogStore() as store:
         [summary] = store.list_conversations()
         assert summary.command == "chat" and summary.title == "hello there"
+
+
+# ---------------------------------------------------------------- the real engine
+
+
+@pytest.mark.slow
+def test_second_turn_reuses_the_cached_prefix_with_a_tiny_real_gguf(tmp_path, repo, dsv4_home):
+    import os
+    import re
+    import subprocess
+
+    from tests.tinymodels import write_tiny_llama_gguf
+
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", ctx=2048)
+    # a pack of several cache chunks, so the first turn leaves whole chunks behind
+    (repo / "notes.md").write_text("".join(f"Note {i}: the greeting is friendly and short.\n" for i in range(60)))
+    environment = {**os.environ, "DSV4_HOME": str(dsv4_home), "HF_HUB_OFFLINE": "1"}
+    environment.pop("DSV4_MODEL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsv4cli.app", "chat", "--max-tokens", "4", "--model", str(model), str(repo)],
+        input="What does greet return?\n/stats\nAnd the notes?\n/stats\n",
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = re.findall(r"last turn: prompt ([\d,]+) tokens \(([\d,]+) cached\)", result.stderr)
+    assert len(stats) == 2, result.stderr
+    (first_prompt, first_cached), (second_prompt, second_cached) = [(int(p.replace(",", "")), int(c.replace(",", ""))) for p, c in stats]
+    assert first_prompt > 512 and first_cached == 0
+    assert second_prompt > first_prompt
+    assert 256 <= second_cached < second_prompt  # the first turn's prompt came back from the cache
+    with LogStore() as store:
+        [summary] = store.list_conversations()
+        assert (summary.command, summary.exchanges) == ("chat", 2)
