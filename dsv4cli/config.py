@@ -88,6 +88,12 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _backend(value: Any) -> str:
+    # `dsv4 ask --backend URL` sends the request to a server; the words choose the local device.
+    text = _text(value)
+    return text if text.startswith(("http://", "https://")) else _choice("auto", "cpu", "cuda")(text)
+
+
 def _globs(value: Any) -> tuple[str, ...]:
     # In a variable: comma-separated (DSV4_EXCLUDE="build/,*.min.js").
     if isinstance(value, str):
@@ -134,7 +140,8 @@ def _builtin_settings() -> tuple[Setting, ...]:
         Setting("temperature", _non_negative_float, 0.0, "sampling temperature (0 = greedy)"),
         Setting("budget", _positive_int, None, "dsv4 pack: fit the pack into this many tokens"),
         Setting("color", _choice(*COLORS), "auto", "colour on stderr and terminals: auto, always, never"),
-        Setting("backend", _choice("auto", "cpu", "cuda"), "auto", "where the engine runs"),
+        Setting("backend", _backend, "auto", "where the engine runs: auto, cpu, cuda, or an OpenAI-compatible server URL"),
+        Setting("api_key", _text, None, "API key for a --backend server (or DSV4_API_KEY / OPENAI_API_KEY)"),
         Setting("cache_cap", _size, None, "prefix cache cap on disk (20G, 512M); unset: min(20 GB, 10% of the disk)"),
         Setting("exclude", _globs, (), "extra paths to leave out of packs (gitignore globs)"),
         Setting("review.fail_on", _choice(*SEVERITIES), None, "dsv4 review: exit 1 at or above this severity"),
@@ -145,7 +152,8 @@ def _builtin_settings() -> tuple[Setting, ...]:
 
 # Which configured key gives the default of which command option (click parameter name).
 COMMAND_DEFAULTS: dict[str, dict[str, str]] = {
-    "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature", "cache_cap": "cache_cap"},
+    "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature", "cache_cap": "cache_cap",
+            "backend": "backend"},
     "pack": {"model": "model", "budget": "budget", "exclude": "exclude"},
     "review": {"model": "model", "fail_on": "review.fail_on", "timeout": "review.timeout",
                "max_tokens": "review.max_tokens"},

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import typer
 from typer.core import TyperCommand
 
-from dsv4cli import render
+from dsv4cli import remote, render
 from dsv4cli.console import stdout_is_terminal, warn
 from dsv4cli.errors import EXIT_USAGE, CliError
 from dsv4cli.inputs import AskInputs, resolve_ask_arguments
@@ -66,6 +66,7 @@ class AskOptions:
     cache_read_only: bool = False
     cache_cap: str | None = None
     log: bool = True
+    backend: str | None = None  # an OpenAI-compatible /v1 URL answers instead of the embedded engine
 
 
 def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
@@ -79,6 +80,21 @@ def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
         import engine
 
         return ref.name, engine.load(str(ref.path))
+
+
+def _open_remote(options: AskOptions) -> tuple[str, LoadedModel]:
+    from dsv4cli.config import load_settings
+
+    configured_key = load_settings(warn=lambda message: None).get("api_key") if "api_key" in _settings_keys() else None
+    with render.working(f"connecting to {options.backend}"):
+        model = remote.open_remote(str(options.backend), options.model, configured_key=configured_key, note=render.note)
+    return model.name, model
+
+
+def _settings_keys() -> set[str]:
+    from dsv4cli.config import settings_catalogue
+
+    return set(settings_catalogue())
 
 
 class _AskCommand(TyperCommand):
@@ -113,6 +129,9 @@ def register(app: typer.Typer) -> None:
             None, "--cache-cap", metavar="SIZE", help="Prefix cache size cap, e.g. 5G (default $DSV4_CACHE_CAP, else min(20 GB, 10% of the disk))."
         ),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this exchange out of the conversation log (dsv4 logs)."),
+        backend: str = typer.Option(
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL", help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1."
+        ),
     ) -> None:
         """Ask a model a question, about files or piped text when given.
 
@@ -135,6 +154,7 @@ def register(app: typer.Typer) -> None:
             cache_read_only=cache_ro,
             cache_cap=cache_cap,
             log=not no_log,
+            backend=backend,
         )
         run_ask(list(arguments or []), options)
 
@@ -151,7 +171,7 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
             raise _usage_error(f"--cache-cap: {exc}") from None
     inputs = resolve_ask_arguments(arguments)
     started = time.monotonic()
-    name, model = _open_model(options.model)
+    name, model = _open_remote(options) if remote.is_backend_url(options.backend) else _open_model(options.model)
     load_s = time.monotonic() - started
 
     messages = _messages(model, inputs, options, name)
@@ -216,7 +236,9 @@ def log_exchange(model: str, question: str, answer: str, done: Done | None, *, s
 
 
 def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions) -> Iterator[Event]:
-    """Engine models answer through the prefix cache; a stand-in model answers by itself."""
+    """Engine models answer through the prefix cache; a stand-in or remote model answers by itself."""
+    if getattr(model, "is_remote", False):
+        return model.chat(messages, params)  # the server keeps its own prefix cache
     from engine import cached_generation  # imports torch, which loading the model already did
 
     if not cached_generation.supports(model):

@@ -1,0 +1,363 @@
+"""A model behind an OpenAI-compatible chat-completions endpoint (`--backend URL`): vLLM,
+SGLang, the DeepSeek API or `dsv4 serve`.
+
+`RemoteModel.chat()` yields the engine's events (TextDelta..., Done with Usage, the server's
+cached-token count included), so `dsv4 ask` renders, reports and prints JSON unchanged.
+Errors become one EngineError line with a hint. A request is retried only when no byte of an
+answer arrived and the failure was a refused/reset connection or a 503 (the server did no work).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.errors import EngineError
+from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
+
+DEFAULT_TIMEOUT_S = 600.0          # a long prompt's prefill on a busy server takes minutes
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+# When the server does not say its context length (the DeepSeek API does not).
+FALLBACK_CONTEXT = 131072
+# Without the served model's tokenizer, a pack is fitted with a conservative estimate:
+# BPE vocabularies average 3.5-4.5 bytes a token on code and prose.
+_ESTIMATE_BYTES_PER_TOKEN = 3.0
+_MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def is_backend_url(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(("http://", "https://"))
+
+
+def api_key_from_environment(configured: str | None = None) -> str | None:
+    return os.environ.get("DSV4_API_KEY") or os.environ.get("OPENAI_API_KEY") or configured or None
+
+
+class EstimatingTokenizer:
+    """Token counts for fitting a pack when the served model's tokenizer is not at hand:
+    an upper-side estimate from the UTF-8 length."""
+
+    digest = "estimate-bytes-per-token-3"
+
+    def count(self, text: str) -> int:
+        return math.ceil(len(text.encode("utf-8", "surrogatepass")) / _ESTIMATE_BYTES_PER_TOKEN)
+
+    def count_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[int]:
+        return [self.count(text) for text in texts]
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **_: Any) -> list[int]:
+        total = sum(self.count(str(m.get("content", ""))) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
+        return [0] * total  # only the length is used
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # e.g. "/v1"
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EngineError(f"--backend {url!r} is not an http(s) URL", "e.g. --backend http://127.0.0.1:8000/v1")
+        path = parts.path.rstrip("/")
+        if path.endswith("/chat/completions"):
+            path = path[: -len("/chat/completions")]
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), path or "/v1")
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.base_path}"
+
+
+class _Retryable(Exception):
+    pass
+
+
+class RemoteModel:
+    """The `LoadedModel` interface `dsv4 ask` uses, answered by a server."""
+
+    is_remote = True
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        context_length: int = FALLBACK_CONTEXT,
+        tokenizer: Any = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.endpoint = Endpoint.parse(url)
+        self.name = model
+        self.api_key = api_key
+        self.context_length = context_length
+        self.tokenizer = tokenizer or EstimatingTokenizer()
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.retry_delays_s = tuple(retry_delays_s)
+        self._sleep = sleep
+
+    # ---------------------------------------------------------------- discovery
+
+    def served_models(self) -> list[dict[str, Any]]:
+        """GET /models: the ids (and context lengths, where the server gives them)."""
+        response, connection = self._request("GET", "/models", None)
+        try:
+            body = _read_json(response, self.endpoint)
+        finally:
+            connection.close()
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise EngineError(f"{self.endpoint.url}/models answered without a model list", "is --backend an OpenAI-compatible /v1 URL?")
+        return [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+
+    # ---------------------------------------------------------------- generation
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams, **_: Any) -> Iterator[Event]:
+        body: dict[str, Any] = {
+            "model": self.name,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        # Extensions vLLM, SGLang and dsv4 serve understand; sent only when they change anything.
+        if params.top_k > 0:
+            body["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
+        return self._stream(body)
+
+    def _stream(self, body: dict[str, Any]) -> Iterator[Event]:
+        started = time.perf_counter()
+        response, connection = self._request("POST", "/chat/completions", body)
+        first_token_at: float | None = None
+        pieces: list[str] = []
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        completion_tokens = 0
+        try:
+            if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
+                raise EngineError(f"{self.endpoint.url} did not stream its answer", "is --backend an OpenAI-compatible /v1 URL?")
+            for data in _sse_data(response, self.endpoint):
+                if data == "[DONE]":
+                    break
+                chunk = _parse_chunk(data, self.endpoint)
+                if "error" in chunk:
+                    raise EngineError(f"{self.endpoint.url}: {_error_message(chunk)}", "the server failed mid-answer")
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                        pieces.append(text)
+                        completion_tokens += 1  # one chunk is one token on vLLM and SGLang; usage corrects it
+                        yield TextDelta(text, completion_tokens)
+                    finish = choice.get("finish_reason") or finish
+        finally:
+            connection.close()
+        ended = time.perf_counter()
+        yield _done(pieces, finish, usage, completion_tokens, started, first_token_at, ended)
+
+    # ---------------------------------------------------------------- transport
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        attempts = len(self.retry_delays_s) + 1
+        for attempt in range(attempts):
+            try:
+                return self._request_once(method, path, body)
+            except _Retryable as exc:
+                if attempt == attempts - 1:
+                    raise _unreachable(self.endpoint, exc.__cause__ or exc) from None
+                self._sleep(self.retry_delays_s[attempt])
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        endpoint = self.endpoint
+        factory = http.client.HTTPSConnection if endpoint.scheme == "https" else http.client.HTTPConnection
+        connection = factory(endpoint.host, endpoint.port, timeout=self.connect_timeout_s)
+        headers = {"Accept": "text/event-stream, application/json", "User-Agent": "dsv4"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        payload = None
+        if body is not None:
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.connect()
+            connection.sock.settimeout(self.timeout_s)
+            connection.request(method, endpoint.base_path + path, body=payload, headers=headers)
+            response = connection.getresponse()
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected) as exc:
+            # Nothing of an answer arrived: the request can be sent again safely.
+            connection.close()
+            raise _Retryable() from exc
+        except (socket.timeout, TimeoutError) as exc:
+            connection.close()
+            raise EngineError(f"{endpoint.url} did not answer within {self.timeout_s:g} s", "the server may be overloaded; try again later") from exc
+        except OSError as exc:
+            connection.close()
+            raise _unreachable(endpoint, exc) from None
+        if response.status == 503:
+            detail = _error_detail(response)
+            connection.close()
+            raise _Retryable(f"503 {detail}")
+        if response.status >= 400:
+            detail = _error_detail(response)
+            connection.close()
+            raise _status_error(endpoint, response.status, detail)
+        return response, connection
+
+
+def _done(pieces: list[str], finish: str | None, usage: dict[str, Any] | None, counted: int, started: float, first: float | None, ended: float) -> Done:
+    usage = usage or {}
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or counted)
+    details = usage.get("prompt_tokens_details") or {}
+    # DeepSeek's own API reports prompt_cache_hit_tokens instead of the OpenAI field.
+    cached = int((details.get("cached_tokens") if isinstance(details, dict) else 0) or usage.get("prompt_cache_hit_tokens") or 0)
+    ttft = (first if first is not None else ended) - started
+    decode_s = ended - first if first is not None else 0.0
+    return Done(
+        finish_reason="length" if finish == "length" else "stop",
+        usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=cached, completion_tokens=completion_tokens),
+        timings=Timings(
+            ttft_s=ttft,
+            prefill_s=ttft,  # as seen from here: the server's prefill plus the network
+            prefill_tok_s=(prompt_tokens - cached) / ttft if ttft > 0 else 0.0,
+            decode_s=decode_s,
+            decode_tok_s=(completion_tokens - 1) / decode_s if decode_s > 0 and completion_tokens > 1 else 0.0,
+        ),
+        text="".join(pieces),
+        extra={"backend": "remote"},
+    )
+
+
+def _sse_data(response: http.client.HTTPResponse, endpoint: Endpoint) -> Iterator[str]:
+    """The `data:` payloads of a server-sent event stream, one per event."""
+    lines: list[str] = []
+    try:
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line:
+                if lines:
+                    yield "\n".join(lines)
+                    lines = []
+            elif line.startswith("data:"):
+                lines.append(line[5:].lstrip(" "))
+            # comments (":" keep-alives), event: and id: lines carry nothing we use
+    except (socket.timeout, TimeoutError) as exc:
+        raise EngineError(f"{endpoint.url} stopped sending mid-answer", "the server may be overloaded; try again later") from exc
+    except (ConnectionError, http.client.IncompleteRead, UnicodeDecodeError) as exc:
+        raise EngineError(f"{endpoint.url} broke the answer off ({exc.__class__.__name__})", "check the server's log") from exc
+    if lines:
+        yield "\n".join(lines)
+
+
+def _parse_chunk(data: str, endpoint: Endpoint) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        raise EngineError(f"{endpoint.url} sent an event that is not JSON: {data[:80]!r}", "is --backend an OpenAI-compatible /v1 URL?") from None
+    if not isinstance(chunk, dict):
+        raise EngineError(f"{endpoint.url} sent an event that is not a JSON object", "is --backend an OpenAI-compatible /v1 URL?")
+    return chunk
+
+
+def _read_json(response: http.client.HTTPResponse, endpoint: Endpoint) -> Any:
+    try:
+        return json.loads(response.read())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EngineError(f"{endpoint.url} answered with something that is not JSON", "is --backend an OpenAI-compatible /v1 URL?") from None
+    except (socket.timeout, TimeoutError) as exc:
+        raise EngineError(f"{endpoint.url} did not finish its answer in time", "the server may be overloaded; try again later") from exc
+
+
+def _error_detail(response: http.client.HTTPResponse) -> str:
+    try:
+        raw = response.read(64 << 10)
+        return _error_message(json.loads(raw))
+    except Exception:  # noqa: BLE001 - a broken error body still leaves the status line
+        return ""
+
+
+def _error_message(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or "")
+    if isinstance(error, str):
+        return error
+    return str(body.get("message") or "") if isinstance(body, dict) else ""
+
+
+def _status_error(endpoint: Endpoint, status: int, detail: str) -> EngineError:
+    hints = {
+        401: "set DSV4_API_KEY (or OPENAI_API_KEY, or api_key in the config file)",
+        403: "the API key may not use this model",
+        404: "check the --backend URL (it usually ends in /v1) and --model",
+        413: "the prompt is too large for the server; ask about fewer files",
+        429: "the server is rate-limiting; wait and try again",
+    }
+    hint = hints.get(status) or ("the server failed; check its log" if status >= 500 else "the server rejected the request")
+    what = f"{endpoint.url} answered {status} {http.client.responses.get(status, '')}".rstrip()
+    return EngineError(f"{what}: {detail}" if detail else what, hint)
+
+
+def _unreachable(endpoint: Endpoint, exc: BaseException) -> EngineError:
+    if isinstance(exc, _Retryable) and str(exc).startswith("503"):
+        return _status_error(endpoint, 503, str(exc)[4:])
+    reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+    return EngineError(f"cannot reach {endpoint.url} ({reason})", "is the server running? check --backend / DSV4_BACKEND")
+
+
+def open_remote(url: str, requested_model: str, *, configured_key: str | None = None, note: Callable[[str], None] | None = None) -> RemoteModel:
+    """Connect to the backend and pick the model: the one asked for when the server has it,
+    else the server's first (a default `mini` means nothing to a remote server)."""
+    client = RemoteModel(url, requested_model, api_key=api_key_from_environment(configured_key))
+    entries = client.served_models()
+    ids = [entry["id"] for entry in entries]
+    chosen = next((entry for entry in entries if entry["id"] == requested_model), entries[0] if entries else None)
+    if chosen is None:
+        raise EngineError(f"{client.endpoint.url} serves no models", "check the server")
+    if chosen["id"] != requested_model and note is not None:
+        note(f"{client.endpoint.url} has no model {requested_model!r}; using {chosen['id']!r} (of {', '.join(ids)})")
+    client.name = chosen["id"]
+    context = chosen.get("max_model_len") or chosen.get("context_length")
+    if isinstance(context, int) and context > 0:
+        client.context_length = context
+    client.tokenizer = _local_tokenizer(client.name) or client.tokenizer
+    return client
+
+
+def _local_tokenizer(model_id: str) -> Any:
+    """The served model's own tokenizer when it is installed here (exact pack fitting)."""
+    from engine import store
+
+    try:
+        return store.load_tokenizer(model_id, fetch=False)
+    except Exception:  # noqa: BLE001 - not installed or not readable: estimate instead
+        return None

@@ -1,0 +1,292 @@
+"""`dsv4 serve` on loopback: the official `openai` client against a tiny real GGUF model
+(streaming and not, chat and completions, concurrent requests), cancellation when a client
+goes away mid-stream, the 4xx error bodies, and `dsv4 ask --backend` against it."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dsv4cli.app import main
+from dsv4cli.commands.serve import EngineServedModel, build_server
+from dsv4cli.server import ApiServer, start_in_thread
+from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
+from tests.tinymodels import write_tiny_llama_gguf
+
+openai = pytest.importorskip("openai")
+
+MODEL_ID = "tiny"
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import engine
+
+    return engine.load(str(write_tiny_llama_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf")))
+
+
+@pytest.fixture
+def server(tiny_model):
+    served = EngineServedModel(tiny_model, MODEL_ID)
+    srv = build_server(served, "127.0.0.1", 0, API_KEY, max_body_bytes=64 << 10)
+    start_in_thread(srv)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def client_for(srv: ApiServer, key: str = API_KEY):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def raw_request(srv: ApiServer, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    all_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})}
+    connection.request(method, path, body=body, headers=all_headers)
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
+
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_the_served_model(server):
+    models = client_for(server).models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+
+
+def test_chat_completion_non_streaming_reports_usage(server, tiny_model):
+    answer = client_for(server).chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=6, temperature=0)
+    prompt_tokens = len(tiny_model.tokenizer.render_chat(HELLO))
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage.prompt_tokens == prompt_tokens
+    assert answer.usage.completion_tokens == server.stats.last_done.usage.completion_tokens <= 6
+    assert answer.usage.total_tokens == prompt_tokens + answer.usage.completion_tokens
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0
+    assert answer.choices[0].message.content == server.stats.last_done.text
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_non_streaming_under_greedy_decoding(server):
+    client = client_for(server)
+    whole = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL_ID, messages=HELLO, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_with_a_prompt_string(server, tiny_model):
+    answer = client_for(server).completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=4, temperature=0)
+    assert answer.usage.prompt_tokens == len(tiny_model.tokenizer.encode("The quick brown fox"))
+    assert answer.choices[0].text == server.stats.last_done.text
+    streamed = client_for(server).completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+
+
+def test_stop_string_and_seed_are_passed_to_the_engine(server):
+    client = client_for(server)
+    free = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0)
+    text = free.choices[0].message.content
+    if len(text) < 3:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = text[1:3]
+    cut = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0, stop=[stop])
+    assert stop not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_concurrent_requests_are_all_answered(server):
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def ask(index: int) -> None:
+        try:
+            answer = client_for(server).chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=6, temperature=0)
+            results[index] = answer.choices[0].message.content
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(results) == 3 and len(set(results.values())) == 1  # greedy: the same answer each time
+
+
+class SlowModel:
+    """A scripted ServedModel that produces a token every few milliseconds until cancelled."""
+
+    model_id = "slow"
+    context_length = 4096
+
+    def __init__(self, limit: int = 400, delay_s: float = 0.01):
+        self.limit, self.delay_s = limit, delay_s
+        self.produced = 0
+        self.saw_cancel = threading.Event()
+        self.started = threading.Event()
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return [1] * sum(len(m["content"]) for m in messages)
+
+    def text_prompt(self, text: str) -> list[int]:
+        return [1] * len(text)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: Callable[[], bool]) -> Iterator[Event]:
+        self.started.set()
+        reason = "length"
+        count = 0
+        for count in range(1, min(self.limit, params.max_tokens) + 1):
+            if cancel():
+                self.saw_cancel.set()
+                reason, count = "cancelled", count - 1
+                break
+            time.sleep(self.delay_s)
+            self.produced = count
+            yield TextDelta("x", count)
+        yield Done(reason, Usage(len(prompt_ids), 0, count), Timings(0, 0, 0, 0, 0), text="x" * count)
+
+
+def slow_server(model: SlowModel, **kwargs) -> ApiServer:
+    srv = ApiServer(("127.0.0.1", 0), model, **kwargs)
+    start_in_thread(srv)
+    return srv
+
+
+def test_a_client_leaving_mid_stream_cancels_the_generation():
+    model = SlowModel(limit=400, delay_s=0.01)
+    srv = slow_server(model)
+    try:
+        body = json.dumps({"model": "slow", "messages": HELLO, "max_tokens": 400, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            while b"data: " not in received:  # the first event arrived: generation is under way
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 200")
+        assert model.saw_cancel.wait(5), "the server kept generating for a client that had gone"
+        deadline = time.monotonic() + 5
+        while srv.stats.last_done is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.stats.cancelled == 1
+        assert srv.stats.last_done.finish_reason == "cancelled"
+        assert model.produced < 200  # 400 tokens would take 4 s; the disconnect is seen in a few
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_full_queue_answers_503_at_once():
+    model = SlowModel(limit=100, delay_s=0.01)
+    srv = slow_server(model, queue_limit=0)
+    try:
+        first = threading.Thread(target=lambda: raw_request(srv, "POST", "/v1/chat/completions", json.dumps({"messages": HELLO, "max_tokens": 100}).encode()))
+        first.start()
+        assert model.started.wait(5)
+        status, body = raw_request(srv, "POST", "/v1/chat/completions", json.dumps({"messages": HELLO, "max_tokens": 5}).encode())
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        first.join(10)
+        status, _ = raw_request(srv, "POST", "/v1/chat/completions", json.dumps({"messages": HELLO, "max_tokens": 5}).encode())
+        assert status == 200  # the slot came back
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def assert_error(status: int, body: dict, expected_status: int, code: str | None = None) -> None:
+    assert status == expected_status
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_json"),
+    (json.dumps({"model": "gpt-4", "messages": HELLO}).encode(), 404, "model_not_found"),
+    (json.dumps({"messages": []}).encode(), 400, None),
+    (json.dumps({"messages": HELLO, "temperature": "hot"}).encode(), 400, None),
+    (json.dumps({"messages": HELLO, "max_tokens": 10_000}).encode(), 400, "context_length_exceeded"),
+    (json.dumps({"messages": [{"role": "user", "content": "fox " * 400}]}).encode(), 400, "context_length_exceeded"),
+])
+def test_malformed_requests_get_openai_error_bodies(server, body, status, code):
+    assert_error(*raw_request(server, "POST", "/v1/chat/completions", body), status, code)
+
+
+def test_oversized_body_is_refused_unread(server):
+    status, body = raw_request(server, "POST", "/v1/chat/completions", b"x" * (65 << 10))
+    assert_error(status, body, 413, "request_too_large")
+
+
+def test_missing_or_wrong_api_key_is_401(server):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer nope"}):
+        status, body = raw_request(server, "GET", "/v1/models", headers=headers)
+        assert_error(status, body, 401, "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server, key="wrong").models.list()
+
+
+def test_unknown_route_is_404(server):
+    assert_error(*raw_request(server, "GET", "/v2/nothing"), 404, "not_found")
+
+
+class TerminalStdin(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def read(self, *args: object) -> str:
+        raise AssertionError("a terminal stdin must never be read")
+
+
+def test_ask_with_backend_against_serve(server, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
+    monkeypatch.setenv("DSV4_API_KEY", API_KEY)
+    url = f"http://127.0.0.1:{server.port}/v1"
+    assert main(["ask", "--backend", url, "--max-tokens", "6", "--no-log", "What is the capital of France?"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.strip() == server.stats.last_done.text.strip()
+
+    assert main(["ask", "--backend", url, "--max-tokens", "6", "--no-log", "--json", "What is the capital of France?"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    done = server.stats.last_done
+    assert payload["model"] == MODEL_ID  # the default `mini` is not served: the server's model is used
+    assert payload["answer"] == done.text
+    assert payload["usage"] == {"prompt_tokens": done.usage.prompt_tokens, "cached_tokens": done.usage.cached_tokens,
+                                "completion_tokens": done.usage.completion_tokens}
+
+
+def test_ask_with_backend_reads_dsv4_backend(server, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
+    monkeypatch.setenv("DSV4_API_KEY", API_KEY)
+    monkeypatch.setenv("DSV4_BACKEND", f"http://127.0.0.1:{server.port}/v1")
+    assert main(["ask", "--max-tokens", "4", "--no-log", "--json", "Hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == MODEL_ID
+
+
+def test_ask_with_backend_without_key_is_one_line_error(server, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
+    monkeypatch.delenv("DSV4_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["ask", "--backend", f"http://127.0.0.1:{server.port}/v1", "--no-log", "Hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error:") and "401" in err[-1] and "DSV4_API_KEY" in err[-1]
