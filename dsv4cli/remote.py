@@ -161,8 +161,10 @@ class RemoteModel:
         try:
             if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
                 raise EngineError(f"{self.endpoint.url} did not stream its answer", "is --backend an OpenAI-compatible /v1 URL?")
+            ended_properly = False
             for data in _sse_data(response, self.endpoint):
                 if data == "[DONE]":
+                    ended_properly = True
                     break
                 chunk = _parse_chunk(data, self.endpoint)
                 if "error" in chunk:
@@ -178,6 +180,8 @@ class RemoteModel:
                         completion_tokens += 1  # one chunk is one token on vLLM and SGLang; usage corrects it
                         yield TextDelta(text, completion_tokens)
                     finish = choice.get("finish_reason") or finish
+            if not ended_properly and finish is None:
+                raise EngineError(f"{self.endpoint.url} broke the answer off before its end", "check the server's log")
         finally:
             connection.close()
         ended = time.perf_counter()

@@ -85,16 +85,10 @@ def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
 def _open_remote(options: AskOptions) -> tuple[str, LoadedModel]:
     from dsv4cli.config import load_settings
 
-    configured_key = load_settings(warn=lambda message: None).get("api_key") if "api_key" in _settings_keys() else None
+    configured_key = load_settings(warn=lambda message: None)["api_key"]
     with render.working(f"connecting to {options.backend}"):
         model = remote.open_remote(str(options.backend), options.model, configured_key=configured_key, note=render.note)
     return model.name, model
-
-
-def _settings_keys() -> set[str]:
-    from dsv4cli.config import settings_catalogue
-
-    return set(settings_catalogue())
 
 
 class _AskCommand(TyperCommand):
