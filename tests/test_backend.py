@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from pathlib import Path
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dsv4cli import remote as remote_module
 from dsv4cli.remote import EstimatingTokenizer, RemoteModel, open_remote
 from engine.errors import EngineError
 from engine.events import Done, SamplingParams, TextDelta
@@ -218,7 +220,7 @@ def test_estimating_tokenizer_counts_no_fewer_tokens_than_a_real_bpe():
         pytest.skip("the real model is not installed")
     real = Tokenizer.from_gguf(path)
     for text in (
-        "def fibonacci(n: int) -> int:\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 5,
+        Path(remote_module.__file__).read_text(),
         "The quick brown fox jumps over the lazy dog; Paris is the capital of France.\n" * 5,
     ):
         assert EstimatingTokenizer().count(text) >= real.count(text)
