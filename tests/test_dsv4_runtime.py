@@ -228,3 +228,33 @@ def test_a_placed_snapshot_resolves_through_the_alias(tiny_dir):
     shutil.copytree(tiny_dir, paths.models_dir() / "flash")
     loaded = engine.load("flash", device="cpu")
     assert (loaded.name, loaded.arch) == ("flash", "deepseek_v4")
+
+
+def test_pull_downloads_a_snapshot_into_the_home_directory(tiny_dir, monkeypatch):
+    """`dsv4 pull flash` through store.fetch_model, with a local copy standing in for the hub."""
+    from engine import paths, store
+
+    requested: list[tuple[str, Path]] = []
+
+    def copy_snapshot(repo_id: str, target: Path) -> None:
+        requested.append((repo_id, target))
+        shutil.copytree(tiny_dir, target, dirs_exist_ok=True)
+
+    monkeypatch.setattr(store, "hub_unreachable_reason", lambda timeout_s=None: None)
+    monkeypatch.setattr(store, "_download_snapshot", copy_snapshot)
+    ref = store.fetch_model("flash")
+    assert requested == [("deepseek-ai/DeepSeek-V4-Flash", paths.models_dir() / "flash")]
+    assert ref.path == paths.models_dir() / "flash" and ref.format == "safetensors"
+    assert store.fetch_model("flash").path == ref.path and len(requested) == 1  # present: no second download
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_matches_the_cpu_one(tiny_dir, loaded):
+    on_gpu = engine.load(str(tiny_dir))  # device None picks cuda
+    assert on_gpu.model.head.weight.device.type == "cuda"
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(on_gpu.logits(ids).cpu(), loaded.logits(ids), rtol=1e-4, atol=1e-4)
+    prompt = ids[0].tolist()
+    params = SamplingParams(max_tokens=4)
+    assert list(on_gpu.stream(prompt, params))[-1].text == list(loaded.stream(prompt, params))[-1].text
