@@ -29,7 +29,9 @@ def register(app: typer.Typer) -> None:
             )
         with render.transfer_progress() as progress:
             ref = store.fetch_model(model, progress, note=render.note)
-        render.note(f"{model} is ready ({render.human_bytes(ref.size)}, sha256 verified)")
+        # A single GGUF is checked against its known SHA-256; a hub snapshot is not.
+        checked = ", sha256 verified" if ref.format == "gguf" else ""
+        render.note(f"{model} is ready ({render.human_bytes(ref.size)}{checked})")
         print(ref.path, flush=True)
 
     @app.command("models")
