@@ -156,7 +156,7 @@ def _partial_tag_length(text: str, tag: str) -> int:
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat(
-        sources: list[str] = typer.Argument(None, metavar="[SOURCE]...", help="Files or directories to pack once, before the conversation."),
+        sources: list[str] = typer.Argument(None, metavar="SOURCE", help="Files or directories to pack once, before the conversation."),
         model: str = typer.Option(None, "--model", "-m", envvar="DSV4_MODEL", help="Alias (mini, flash, pro) or path; default mini, or the resumed conversation's."),
         system: str = typer.Option(None, "--system", "-s", help="System prompt ('' for the model's own default)."),
         max_tokens: int = typer.Option(ask_command.DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Longest answer per turn, in tokens."),
