@@ -24,7 +24,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from engine.events import Done, Event, SamplingParams, TextDelta
+from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20   # a 1M-token prompt is ~4 MB of text; leave room for JSON
 DEFAULT_QUEUE_LIMIT = 8
@@ -291,6 +291,10 @@ class _Handler(BaseHTTPRequestHandler):
             for event in events:
                 if isinstance(event, TextDelta):
                     self._send_event(chunk(event.text, None))
+                elif isinstance(event, PrefillProgress):
+                    # An SSE comment: clients skip it, and a client gone during a long
+                    # prefill is noticed here rather than at the first token.
+                    self._write(f": prefill {event.done}/{event.total}\n\n".encode())
                 elif isinstance(event, Done):
                     done = event
             assert done is not None, "a generation always ends with Done"

@@ -18,7 +18,7 @@ import pytest
 from dsv4cli.app import main
 from dsv4cli.commands.serve import EngineServedModel, build_server
 from dsv4cli.server import ApiServer, start_in_thread
-from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
+from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta, Timings, Usage
 from tests.tinymodels import write_tiny_llama_gguf
 
 openai = pytest.importorskip("openai")
@@ -139,8 +139,8 @@ class SlowModel:
     model_id = "slow"
     context_length = 4096
 
-    def __init__(self, limit: int = 400, delay_s: float = 0.01):
-        self.limit, self.delay_s = limit, delay_s
+    def __init__(self, limit: int = 400, delay_s: float = 0.01, prefill_steps: int = 0):
+        self.limit, self.delay_s, self.prefill_steps = limit, delay_s, prefill_steps
         self.produced = 0
         self.saw_cancel = threading.Event()
         self.started = threading.Event()
@@ -155,6 +155,13 @@ class SlowModel:
         self.started.set()
         reason = "length"
         count = 0
+        for step in range(1, self.prefill_steps + 1):  # a long prompt's prefill, in chunks
+            if cancel():
+                self.saw_cancel.set()
+                yield Done("cancelled", Usage(len(prompt_ids), 0, 0), Timings(0, 0, 0, 0, 0))
+                return
+            time.sleep(self.delay_s)
+            yield PrefillProgress(step, self.prefill_steps)
         for count in range(1, min(self.limit, params.max_tokens) + 1):
             if cancel():
                 self.saw_cancel.set()
@@ -172,8 +179,9 @@ def slow_server(model: SlowModel, **kwargs) -> ApiServer:
     return srv
 
 
-def test_a_client_leaving_mid_stream_cancels_the_generation():
-    model = SlowModel(limit=400, delay_s=0.01)
+@pytest.mark.parametrize("prefill_steps", [0, 400], ids=["while-decoding", "while-prefilling"])
+def test_a_client_leaving_mid_stream_cancels_the_generation(prefill_steps):
+    model = SlowModel(limit=400, delay_s=0.01, prefill_steps=prefill_steps)
     srv = slow_server(model)
     try:
         body = json.dumps({"model": "slow", "messages": HELLO, "max_tokens": 400, "stream": True}).encode()
@@ -191,6 +199,8 @@ def test_a_client_leaving_mid_stream_cancels_the_generation():
         assert srv.stats.cancelled == 1
         assert srv.stats.last_done.finish_reason == "cancelled"
         assert model.produced < 200  # 400 tokens would take 4 s; the disconnect is seen in a few
+        if prefill_steps:
+            assert model.produced == 0  # seen during the prefill, not at the first token
     finally:
         srv.shutdown()
         srv.server_close()
