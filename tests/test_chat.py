@@ -177,6 +177,19 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(fake, monkeypatch, capsys)
     assert fake.calls[1].messages[2] == {"role": "assistant", "content": "The answer"}
 
 
+def test_first_ctrl_c_asks_the_engine_to_stop_the_second_interrupts():
+    import os
+    import signal
+
+    with chat_command._ctrl_c_cancels() as cancelled:
+        assert not cancelled()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cancelled()  # the engine sees this at its next token and ends the turn cleanly
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_end_of_input_exits_zero(fake, monkeypatch, capsys):
     assert _chat(monkeypatch, "") == 0
     assert fake.calls == []

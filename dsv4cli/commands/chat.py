@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,8 +341,8 @@ class _Chat:
         splitter = ThinkSplitter(thinking)
         answer_tokens = 0
         interrupted = False
-        with view:
-            events = self._events(messages, prompt_ids, params, template_kwargs)
+        with view, _ctrl_c_cancels(enabled=self._cancellable()) as cancel:
+            events = self._events(messages, prompt_ids, params, template_kwargs, cancel)
             try:
                 with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
                     for event in events:
@@ -358,6 +358,7 @@ class _Chat:
                             view.handle(event)
             except KeyboardInterrupt:
                 interrupted = True
+        interrupted = interrupted or cancel()
         if interrupted:
             render.note("stopped")
         done = view.done
@@ -375,13 +376,19 @@ class _Chat:
         self._log(done, time.monotonic() - started)
 
     def _events(self, messages: list[dict[str, str]], prompt_ids: list[int], params: SamplingParams,
-                template_kwargs: dict[str, Any]) -> Iterator[Event]:
+                template_kwargs: dict[str, Any], cancel: Callable[[], bool]) -> Iterator[Event]:
         from engine import cached_generation
 
         if not cached_generation.supports(self.model):
-            return self.model.chat(messages, params, **template_kwargs)
+            if hasattr(self.model, "stream"):
+                return self.model.stream(prompt_ids, params, cancel=cancel)
+            return self.model.chat(messages, params, **template_kwargs)  # a stand-in model
         settings = cached_generation.CacheSettings(enabled=self.options.cache, read_only=self.options.cache_read_only)
-        return cached_generation.stream(self.model, prompt_ids, params, settings=settings)
+        return cached_generation.stream(self.model, prompt_ids, params, settings=settings, cancel=cancel)
+
+    def _cancellable(self) -> bool:
+        """Engine models stop at a cancel flag; anything else is stopped by KeyboardInterrupt."""
+        return hasattr(self.model, "stream")
 
     def _show(self, view: render.AnswerView, reasoning: bool, text: str, tokens: int) -> None:
         if reasoning:
@@ -444,6 +451,30 @@ class _Chat:
             return
         _say("last turn: " + _stats_line(self.last))
         _say(f"session ({self.turns_answered} turn(s)): " + _stats_line(self.total))
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """While a reply streams, the first Ctrl-C asks the engine to stop at its next token (the
+    turn ends with finish 'cancelled' and cache segments stay whole); a second one interrupts."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stats(done: Done | None) -> TurnStats:
