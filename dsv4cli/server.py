@@ -298,6 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif isinstance(event, Done):
                     done = event
             assert done is not None, "a generation always ends with Done"
+            self.server.stats.last_done = done  # before the client can see the end
             self._send_event(chunk(None, _finish_reason(done)))
             if include_usage:
                 self._send_event({**head, "choices": [], "usage": _usage(done)})
@@ -308,10 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.stats.cancelled += 1
             for event in events:
                 if isinstance(event, Done):
-                    done = event
+                    self.server.stats.last_done = event
             raise
-        finally:
-            self.server.stats.last_done = done
 
     # ---------------------------------------------------------------- writing
 
