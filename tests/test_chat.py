@@ -278,6 +278,14 @@ def test_think_shows_reasoning_apart_from_the_answer(fake, monkeypatch, capsys):
         assert store.get_conversation(summary.id).exchanges[0].answer == "It says hello."
 
 
+def test_think_without_an_end_tag_still_prints_an_answer(fake, monkeypatch, capsys):
+    fake.answer = ("It says", " hello.")  # a stream that never shows `</think>`
+    assert _chat(monkeypatch, "what?\n", "--think", "--model", "pro") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "It says hello.\n"
+    assert "no end of the reasoning was seen" in captured.err
+
+
 def test_think_is_a_no_op_for_mini(fake, monkeypatch, capsys):
     assert _chat(monkeypatch, "what?\n", "--think") == 0
     captured = capsys.readouterr()

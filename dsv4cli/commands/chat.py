@@ -118,10 +118,16 @@ class ThinkSplitter:
 
     def __init__(self, thinking: bool):
         self.thinking = thinking
+        self.reasoning = ""  # all reasoning text so far
         self._pending = ""
 
     def feed(self, text: str) -> list[tuple[bool, str]]:
         """(is_reasoning, text) pieces, in order; a possible tag prefix is held back."""
+        pieces = self._split(text)
+        self.reasoning += "".join(piece for is_reasoning, piece in pieces if is_reasoning)
+        return pieces
+
+    def _split(self, text: str) -> list[tuple[bool, str]]:
         self._pending += text
         pieces: list[tuple[bool, str]] = []
         while self._pending:
@@ -143,6 +149,8 @@ class ThinkSplitter:
 
     def flush(self) -> list[tuple[bool, str]]:
         rest, self._pending = self._pending, ""
+        if rest and self.thinking:
+            self.reasoning += rest
         return [(self.thinking, rest)] if rest else []
 
 
@@ -353,6 +361,11 @@ class _Chat:
                         elif isinstance(event, Done):
                             for reasoning, text in splitter.flush():
                                 self._show(view, reasoning, text, answer_tokens)
+                            if thinking and splitter.thinking and not view.text and splitter.reasoning:
+                                # No end of reasoning came through (a text stream without the
+                                # `</think>` tag): the payload must not be empty, so it is all answer.
+                                render.note("no end of the reasoning was seen; all of it is taken as the answer")
+                                view.handle(TextDelta(splitter.reasoning, answer_tokens))
                             view.handle(dataclasses.replace(event, text=view.text))
                         else:
                             view.handle(event)
