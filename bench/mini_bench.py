@@ -9,6 +9,8 @@ and perplexity on a held-out text (the first 2,048 tokens of CPython's Lib/shlex
 speed: prefill tokens/s at 512 and 4,096 tokens of context, decode tokens/s after a
 512-token prompt, and peak RSS for an 8k-token prompt, each engine in its own fresh process,
 same threads, real text (Lib/argparse.py), flush-to-zero on. Medians of `--repeats` runs.
+Also our load time: cold (empty DSV4_HOME: conversion plus writing the prepared-weights
+cache) and warm (the cache in place).
 Prints Markdown tables for bench/RESULTS.md.
 """
 
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +76,11 @@ def worker_ours(gguf: Path, mode: str, threads: int, task: str) -> dict:
     from engine.events import SamplingParams
 
     quant = mode if mode.startswith("int") else None
+    started = time.perf_counter()
     model = engine.load(gguf, dtype=None if quant else mode, quant=quant) if mode != "default" else engine.load(gguf)
+    load_s = time.perf_counter() - started
+    if task == "load":
+        return {"load_s": load_s, "mode": model.mode}
     llm = model.model
     if task == "rss":
         ids = text_ids(gguf, SPEED_TEXT, RSS_PROMPT)
@@ -130,8 +137,8 @@ def worker_llamacpp(gguf: Path, threads: int, task: str) -> dict:
     return out
 
 
-def run_worker(args: list[str]) -> dict:
-    result = subprocess.run([sys.executable, __file__, "_worker", *args], capture_output=True, text=True, cwd=ROOT)
+def run_worker(args: list[str], env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run([sys.executable, __file__, "_worker", *args], capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
         sys.exit(f"worker {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -157,6 +164,13 @@ def cmd_speed(opts: argparse.Namespace) -> None:
         row.update(run_worker([*spec, *common, "rss"]))
         rows[label] = row
         print(f"{label} rss: {row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    # Load time (engine.load, after imports) with an empty home (conversion, then the
+    # prepared-weights cache is written) and again with that cache in place.
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "DSV4_HOME": home}
+        cold = [run_worker(["ours", opts.mode, *common, "load"], env)["load_s"]]
+        warm = [run_worker(["ours", opts.mode, *common, "load"], env)["load_s"] for _ in range(opts.repeats)]
+    print(f"load: cold {cold[0]:.2f} s, warm {warm}", file=sys.stderr, flush=True)
     ours, ref = rows["ours"], rows["llama.cpp"]
     print(f"\nmini engine mode {ours.get('mode')}, {opts.threads} threads, medians of {opts.repeats} (fresh process each):\n")
     print("| measure | mini engine | llama.cpp | ratio |")
@@ -168,6 +182,7 @@ def cmd_speed(opts: argparse.Namespace) -> None:
     ):
         print(f"| {name} | {ours[key]:,.0f} {unit} | {ref[key]:,.0f} {unit} | {ours[key] / ref[key]:.2f}x |")
     print(f"| peak RSS, {RSS_PROMPT:,}-token prompt + 16 tokens | {ours['peak_rss_mb']:,.0f} MB | {ref['peak_rss_mb']:,.0f} MB | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |")
+    print(f"| load (`engine.load`), cold / warm (prepared-weights cache) | {cold[0]:.2f} s / {statistics.median(warm):.2f} s | | |")
     for label in rows:
         raw = ", ".join(f"{r['prefill_512']:.0f}/{r['prefill_4096']:.0f}/{r['decode']:.1f}" for r in rows[label]["runs_raw"])
         print(f"\n{label} runs (prefill512/prefill4096/decode tok/s): {raw}", end="")

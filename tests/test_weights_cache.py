@@ -105,3 +105,19 @@ def test_an_unwritable_cache_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_cache, "cache_root", lambda: blocker / "weights")
     assert torch.equal(_logits(path, "int4"), _logits(path, "int4", use_cache=False))
     assert not list(tmp_path.glob("**/.partial-*"))
+
+
+def test_entries_are_standard_safetensors_with_aligned_tensors(tmp_path):
+    from safetensors import safe_open
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    build_llama(GGUFFile(path), "int4")
+    (entry,) = _entries()
+    ours, metadata = weights_cache.read(entry)
+    assert metadata["mode"] == "int4"
+    assert all(t.data_ptr() % 64 == 0 for t in ours.values())
+    with safe_open(str(entry), framework="pt") as handle:
+        names = [name for name in handle.keys() if not name.startswith("__pad.")]
+        assert sorted(names) == sorted(ours)
+        for name in names:
+            assert torch.equal(handle.get_tensor(name), ours[name]), name
