@@ -77,6 +77,7 @@ class TerminalMessages:
 
     def __init__(self, history: Path | None = None):
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.output import create_output
         from prompt_toolkit.history import FileHistory, InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
 
@@ -92,7 +93,9 @@ class TerminalMessages:
             stored = FileHistory(str(history))
         except OSError:
             stored = InMemoryHistory()  # an unwritable home still gets a working prompt
-        self._session = PromptSession(history=stored, key_bindings=bindings, prompt_continuation=CONTINUATION)
+        # `dsv4 chat > answers.md`: the prompt is drawn on stderr so stdout keeps only answers
+        output = None if sys.stdout.isatty() else create_output(stdout=sys.stderr)
+        self._session = PromptSession(history=stored, key_bindings=bindings, prompt_continuation=CONTINUATION, output=output)
 
     def _continued(self) -> str:
         return self._session.prompt(CONTINUATION)
@@ -104,7 +107,7 @@ class TerminalMessages:
 def message_source(stdin: TextIO | None = None) -> MessageSource:
     stdin = stdin if stdin is not None else sys.stdin
     try:
-        interactive = stdin.isatty() and sys.stdout.isatty()
+        interactive = stdin.isatty() and (sys.stdout.isatty() or sys.stderr.isatty())
     except (AttributeError, ValueError):
         interactive = False
     return TerminalMessages() if interactive else PipedMessages(stdin)

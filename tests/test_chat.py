@@ -308,13 +308,16 @@ main(["chat"])
 """
 
 
-def _read_until(fd: int, needle: bytes, seen: bytearray, timeout: float = 60.0) -> bool:
+_PROMPT_STARTS = b"\x1b[?2004h"
+
+
+def _read_until(fd: int, needle: bytes, seen: bytearray, timeout: float = 60.0, count: int = 1) -> bool:
     import os
     import select
     import time
 
     deadline = time.monotonic() + timeout
-    while needle not in seen:
+    while seen.count(needle) < count:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -323,15 +326,16 @@ def _read_until(fd: int, needle: bytes, seen: bytearray, timeout: float = 60.0) 
             try:
                 chunk = os.read(fd, 4096)
             except OSError:  # EIO: the child closed the terminal
-                return needle in seen
+                return seen.count(needle) >= count
             if not chunk:
-                return needle in seen
+                return seen.count(needle) >= count
             seen += chunk
     return True
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
-def test_a_typed_line_in_a_real_terminal_then_ctrl_d(tmp_path, dsv4_home):
+@pytest.mark.parametrize("stdout_redirected", [False, True], ids=["terminal", "stdout-to-file"])
+def test_a_typed_line_in_a_real_terminal_then_ctrl_d(tmp_path, dsv4_home, stdout_redirected):
     import os
     import subprocess
     from pathlib import Path
@@ -343,22 +347,28 @@ def test_a_typed_line_in_a_real_terminal_then_ctrl_d(tmp_path, dsv4_home):
     environment = {**os.environ, "DSV4_HOME": str(dsv4_home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",
                    "COLUMNS": "80", "LINES": "24"}
     environment.pop("NO_COLOR", None)
-    child = subprocess.Popen([sys.executable, str(driver), str(root), str(tmp_path)],
-                             stdin=secondary, stdout=secondary, stderr=secondary, env=environment, close_fds=True)
+    answers = tmp_path / "answers.md"
+    with open(answers, "wb") as redirected:
+        child = subprocess.Popen([sys.executable, str(driver), str(root), str(tmp_path)], stdin=secondary,
+                                 stdout=redirected if stdout_redirected else secondary, stderr=secondary,
+                                 env=environment, close_fds=True)
     os.close(secondary)
     seen = bytearray()
     try:
         assert _read_until(primary, b">>>", seen), seen.decode(errors="replace")
         os.write(primary, b"hello there\r")
-        assert _read_until(primary, b"42", seen), seen.decode(errors="replace")
-        seen = bytearray(seen[seen.index(b"42"):])  # then wait for the next prompt
-        assert _read_until(primary, b">>>", seen), seen.decode(errors="replace")
+        if not stdout_redirected:
+            assert _read_until(primary, b"42", seen), seen.decode(errors="replace")
+        # Each prompt starts by turning on bracketed paste: the second one means the turn is over.
+        assert _read_until(primary, _PROMPT_STARTS, seen, count=2), seen.decode(errors="replace")
         os.write(primary, b"\x04")  # Ctrl-D
         assert child.wait(timeout=60) == 0, seen.decode(errors="replace")
     finally:
         if child.poll() is None:
             child.kill()
         os.close(primary)
+    if stdout_redirected:
+        assert answers.read_text() == "The answer is 42.\n"  # the prompt went to the terminal, not the file
     history = (dsv4_home / "logs" / "chat_history").read_text()
     assert "+hello there" in history  # the line editor kept it for the next session
     with LogStore() as store:
