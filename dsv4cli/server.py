@@ -387,6 +387,7 @@ def _usage(done: Done) -> dict[str, Any]:
     }
 
 
-def warn_if_exposed(host: str) -> None:
+def warn_if_exposed(host: str, *, has_key: bool) -> None:
     if not is_loopback(host):
-        print(f"Warning: serving on {host}, reachable from other machines; use --api-key", file=sys.stderr)
+        advice = "" if has_key else " without an API key (set --api-key or DSV4_API_KEY)"
+        print(f"Warning: serving on {host}, reachable from other machines{advice}", file=sys.stderr)

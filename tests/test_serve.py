@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -300,3 +301,29 @@ def test_ask_with_backend_without_key_is_one_line_error(server, monkeypatch, cap
     assert main(["ask", "--backend", f"http://127.0.0.1:{server.port}/v1", "--no-log", "Hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("Error:") and "401" in err[-1] and "DSV4_API_KEY" in err[-1]
+
+
+def test_dsv4_serve_command_listens_and_warns_off_loopback(tmp_path):
+    """The command itself, in its own process: it loads the model, says where it listens,
+    answers, and warns when bound beyond loopback."""
+    gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsv4cli.app", "serve", "--model", str(gguf), "--host", "0.0.0.0", "--port", "0", "--api-key", API_KEY],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        while not any(line.startswith("dsv4: serving") for line in lines):
+            line = process.stderr.readline()
+            assert line, f"dsv4 serve ended: {lines}"
+            lines.append(line)
+        assert any(line.startswith("Warning: serving on 0.0.0.0") for line in lines)
+        port = int(lines[-1].rsplit(":", 1)[1].split("/")[0])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stderr.close()
+        process.stdout.close()
+    assert process.returncode is not None

@@ -72,19 +72,20 @@ def build_server(model: Any, host: str, port: int, api_key: str | None, **kwargs
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        model: str = typer.Option("mini", "--model", "-m", envvar="DSV4_MODEL", help="Alias (mini, flash, pro) or path."),
-        host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (loopback unless told otherwise)."),
-        port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65535, help="Port to listen on (0 = any free one)."),
-        api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (default $DSV4_API_KEY)."),
-        queue: int = typer.Option(8, "--queue", min=0, help="Requests that may wait while one is answered; more get 503."),
+        model: str = typer.Option("mini", "--model", "-m", envvar="DSV4_MODEL", metavar="MODEL", help="Alias (mini, flash, pro) or path."),
+        host: str = typer.Option(DEFAULT_HOST, "--host", metavar="HOST", help="Address to listen on (loopback unless told otherwise)."),
+        port: int = typer.Option(DEFAULT_PORT, "--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0 = any free one)."),
+        api_key: str = typer.Option(None, "--api-key", metavar="KEY", help="Require 'Authorization: Bearer KEY' (default $DSV4_API_KEY)."),
+        queue: int = typer.Option(8, "--queue", metavar="N", min=0, help="Requests that may wait while one is answered; more get 503."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
         from dsv4cli.server import warn_if_exposed
 
         served = open_served_model(model, cache=not no_cache)
-        server = build_server(served, host, port, api_key or os.environ.get("DSV4_API_KEY"), queue_limit=queue)
-        warn_if_exposed(host)
+        key = api_key or os.environ.get("DSV4_API_KEY") or None
+        server = build_server(served, host, port, key, queue_limit=queue)
+        warn_if_exposed(host, has_key=key is not None)
         bound_host, bound_port = server.server_address[:2]
         print(f"dsv4: serving {served.model_id} at http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
         try:
