@@ -348,7 +348,8 @@ def open_remote(url: str, requested_model: str, *, configured_key: str | None = 
     chosen = next((entry for entry in entries if entry["id"] == requested_model), entries[0] if entries else None)
     if chosen is None:
         raise EngineError(f"{client.endpoint.url} serves no models", "check the server")
-    if chosen["id"] != requested_model and note is not None:
+    # The built-in default `mini` says nothing about a server with one model: no note then.
+    if chosen["id"] != requested_model and note is not None and (requested_model != "mini" or len(ids) > 1):
         note(f"{client.endpoint.url} has no model {requested_model!r}; using {chosen['id']!r} (of {', '.join(ids)})")
     client.name = chosen["id"]
     context = chosen.get("max_model_len") or chosen.get("context_length")

@@ -203,10 +203,12 @@ def test_open_remote_picks_the_served_model_and_its_context(stub, monkeypatch):
     models = json.dumps({"object": "list", "data": [{"id": "deepseek-ai/DeepSeek-V4-Flash", "max_model_len": 65536}]}).encode()
     url, script = stub(status(200, models))
     notes: list[str] = []
-    model = open_remote(url, "mini", note=notes.append)
+    model = open_remote(url, "flash", note=notes.append)
     assert model.name == "deepseek-ai/DeepSeek-V4-Flash" and model.context_length == 65536
     assert script.requests[0] == {"path": "/v1/models", "auth": "Bearer env-key"}
-    assert notes and "mini" in notes[0]
+    assert len(notes) == 1 and "'flash'" in notes[0]
+    open_remote(url, "mini", note=notes.append)  # the unconfigured default: the one served model, silently
+    assert len(notes) == 1
     assert isinstance(model.tokenizer, EstimatingTokenizer)
 
 
