@@ -154,6 +154,8 @@ def _builtin_settings() -> tuple[Setting, ...]:
 COMMAND_DEFAULTS: dict[str, dict[str, str]] = {
     "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature", "cache_cap": "cache_cap",
             "backend": "backend"},
+    # chat's --model stays unset by default: a resumed conversation keeps its own model
+    "chat": {"max_tokens": "max_tokens", "temperature": "temperature"},
     "pack": {"model": "model", "budget": "budget", "exclude": "exclude"},
     "review": {"model": "model", "fail_on": "review.fail_on", "timeout": "review.timeout",
                "max_tokens": "review.max_tokens"},

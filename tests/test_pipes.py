@@ -153,8 +153,8 @@ def test_every_json_output_parses(repo, fake, monkeypatch, capsys):
     assert outputs["review"]["findings"] == [
         {"path": "src/app.py", "line": 2, "severity": "warning", "message": "returns a constant"}
     ]
-    assert [c["command"] for c in outputs["logs"]] == ["review"]
-    (conversation,) = outputs["logs"]
+    assert [c["command"] for c in outputs["logs"]] == ["review", "ask"]   # newest first
+    (conversation,) = [c for c in outputs["logs"] if c["command"] == "review"]
     assert main(["logs", "show", "--json", conversation["id"]]) == 0
     assert json.loads(capsys.readouterr().out)["exchanges"][0]["answer"].startswith("src/app.py:2")
     assert outputs["models"] == []
