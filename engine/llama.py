@@ -70,14 +70,16 @@ class Attention(nn.Module):
         1/sqrt(D)); caches: keys [B, Hkv, D, max_len], values [B, Hkv, max_len, D], written
         at start..start+T. Returns [B*T, E]."""
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(h)
+        # Submodules are called through .forward and caches sliced with narrow: per decoded
+        # token this runs ~600 times, and nn.Module.__call__ and indexing cost microseconds each.
+        qkv = self.wqkv.forward(h)
         qk = _apply_rope(qkv[:, : (H + Hkv) * D].float().view(B, T, H + Hkv, D), rope, self.interleaved)
         qk_cached = qk.to(k_cache.dtype)
         end = start + T
-        k_cache[..., start:end] = qk_cached[:, :, H:].permute(0, 2, 3, 1)
-        v_cache[:, :, start:end] = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+        k_cache.narrow(3, start, T).copy_(qk_cached[:, :, H:].permute(0, 2, 3, 1))
+        v_cache.narrow(2, start, T).copy_(qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2))
         if T == 1:
-            out = _decode_attention(qk_cached[:, :, :H].transpose(1, 2), k_cache[..., :end], v_cache[:, :, :end])
+            out = _decode_attention(qk_cached[:, :, :H].transpose(1, 2), k_cache.narrow(3, 0, end), v_cache.narrow(2, 0, end))
         else:
             # Inputs rounded as the cache holds them, so prefill and decode see the same q, k, v.
             q = qk_cached[:, :, :H].transpose(1, 2)  # [B, H, T, D]
@@ -90,7 +92,7 @@ class Attention(nn.Module):
                 # 0..start + i. SDPA's bf16 kernel is 2x slower with a mask than fp32 is.
                 mask = torch.arange(end).unsqueeze(0) <= (torch.arange(T) + start).unsqueeze(1)
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=1.0, enable_gqa=True).to(q.dtype)
-        return self.wo(out.transpose(1, 2).reshape(B * T, H * D))
+        return self.wo.forward(out.transpose(1, 2).reshape(B * T, H * D))
 
 
 def _apply_rope(x: Tensor, rope: Tensor, interleaved: bool) -> Tensor:
@@ -127,9 +129,9 @@ class FeedForward(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         # The gate product in fp32: one bf16 rounding (into w_down) instead of three.
-        gu = self.w_gate_up(h).float()
+        gu = self.w_gate_up.forward(h).float()
         gate, up = gu[:, : self.hidden], gu[:, self.hidden :]
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down.forward(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -139,8 +141,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, B: int, T: int, rope: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
         """x [B*T, E] fp32 residual stream, updated in place."""
-        x += self.attn(self.attn_norm(x), B, T, rope, k_cache, v_cache, start)
-        x += self.ffn(self.ffn_norm(x))
+        x += self.attn.forward(self.attn_norm.forward(x), B, T, rope, k_cache, v_cache, start)
+        x += self.ffn.forward(self.ffn_norm.forward(x))
         return x
 
 
@@ -183,8 +185,9 @@ class Llama(nn.Module):
         rope = self.rope[start : start + T].unsqueeze(1) * self.head_scale  # [T, H + Hkv, D/2]
         # Activations stay 2-D [B*T, E]: the quantised kernels take them without reshapes.
         x = self.embedding.rows(tokens.reshape(-1))
-        for i, block in enumerate(self.blocks):
-            x = block(x, B, T, rope, state.k[i], state.v[i], start)
+        k_caches, v_caches = state.k.unbind(0), state.v.unbind(0)  # one call, not 2 per layer
+        for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
+            x = block.forward(x, B, T, rope, k_cache, v_cache, start)
         if output == "none":
             state.length = start + T
             return None

@@ -51,10 +51,10 @@ def gguf_identity(path: Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _code_digest() -> str:
-    from engine import gguf_weights, llama, quant
+    from engine import gguf_weights, quant
 
     digest = hashlib.sha256(f"weights-{FORMAT_VERSION}-torch-{torch.__version__}".encode())
-    for module in (quant, gguf_weights, llama):
+    for module in (quant, gguf_weights):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 
