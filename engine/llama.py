@@ -194,8 +194,8 @@ class Llama(nn.Module):
         x = x.view(B, T, -1)
         if output == "last":
             x = x[:, -1:]
-        h = self.norm(x)
-        logits = self.head(h).float()
+        h = self.norm.forward(x)
+        logits = self.head.forward(h).float()
         if self.head.compute_dtype != torch.float32:
             logits = self._refine_top(logits, h)
         state.length = start + T
