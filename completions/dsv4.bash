@@ -3,7 +3,7 @@
 
 _dsv4_subcommands() {
     case "$1" in
-        '') echo 'pack ask pull models review completion cache config logs hook' ;;
+        '') echo 'pack ask chat pull models review serve completion cache config logs hook' ;;
         'cache') echo 'ls stats verify prune clear' ;;
         'config') echo 'path show set' ;;
         'logs') echo 'show path' ;;
@@ -14,10 +14,12 @@ _dsv4_options() {
     case "$1" in
         '') echo '--version --help -h' ;;
         'pack') echo '--output -o --format --budget --model -m --list --summary-json --files-from --include --exclude --max-file-size --no-default-filters --recurse-submodules --no-git --help -h' ;;
-        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --help -h' ;;
+        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --no-log --backend --help -h' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --no-cache --cache-ro --continue -c --cid --no-log --think --help -h' ;;
         'pull') echo '--help -h' ;;
         'models') echo '--json --verify --help -h' ;;
         'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --help -h' ;;
+        'serve') echo '--model -m --host --port --api-key --queue --no-cache --help -h' ;;
         'completion') echo '--help -h' ;;
         'cache') echo '--help -h' ;;
         'cache ls') echo '--json --help -h' ;;
@@ -40,8 +42,10 @@ _dsv4_options() {
 _dsv4_value_options() {
     case "$1" in
         'pack') echo '--output -o --format --budget --model -m --summary-json --files-from --include --exclude --max-file-size' ;;
-        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap' ;;
+        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --cid' ;;
         'review') echo '--range --fail-on --timeout --model -m --max-tokens' ;;
+        'serve') echo '--model -m --host --port --api-key --queue' ;;
         'cache prune') echo '--older-than --cap' ;;
         'logs') echo '--count -n' ;;
         'hook install') echo '--fail-on --timeout --model -m' ;;
@@ -55,9 +59,13 @@ _dsv4_choices() {
         'ask|--model') echo 'mini flash pro' ;;
         'ask|-m') echo 'mini flash pro' ;;
         'ask|--format') echo 'xml markdown plain' ;;
+        'chat|--model') echo 'mini flash pro' ;;
+        'chat|-m') echo 'mini flash pro' ;;
         'review|--fail-on') echo 'info warning error' ;;
         'review|--model') echo 'mini flash pro' ;;
         'review|-m') echo 'mini flash pro' ;;
+        'serve|--model') echo 'mini flash pro' ;;
+        'serve|-m') echo 'mini flash pro' ;;
         'hook install|--fail-on') echo 'info warning error' ;;
         'hook install|--model') echo 'mini flash pro' ;;
         'hook install|-m') echo 'mini flash pro' ;;
@@ -68,9 +76,11 @@ _dsv4_arguments() {
         '') echo 'none' ;;
         'pack') echo 'files' ;;
         'ask') echo 'files' ;;
+        'chat') echo 'files' ;;
         'pull') echo 'choices:mini flash pro' ;;
         'models') echo 'none' ;;
         'review') echo 'none' ;;
+        'serve') echo 'none' ;;
         'completion') echo 'choices:bash zsh fish' ;;
         'cache') echo 'none' ;;
         'cache ls') echo 'none' ;;
@@ -81,7 +91,7 @@ _dsv4_arguments() {
         'config') echo 'none' ;;
         'config path') echo 'none' ;;
         'config show') echo 'none' ;;
-        'config set') echo 'choices:model max_tokens temperature budget color backend cache_cap exclude review.fail_on review.timeout review.max_tokens' ;;
+        'config set') echo 'choices:model max_tokens temperature budget color backend api_key cache_cap exclude review.fail_on review.timeout review.max_tokens' ;;
         'logs') echo 'none' ;;
         'logs show') echo 'files' ;;
         'logs path') echo 'none' ;;

@@ -4,7 +4,7 @@
 function __dsv4_subcommands
     switch $argv[1]
         case ''
-            printf '%s\n' pack ask pull models review completion cache config logs hook
+            printf '%s\n' pack ask chat pull models review serve completion cache config logs hook
         case 'cache'
             printf '%s\n' ls stats verify prune clear
         case 'config'
@@ -21,9 +21,13 @@ function __dsv4_value_options
         case 'pack'
             printf '%s\n' -- --output -o --format --budget --model -m --summary-json --files-from --include --exclude --max-file-size
         case 'ask'
-            printf '%s\n' -- --model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap
+            printf '%s\n' -- --model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend
+        case 'chat'
+            printf '%s\n' -- --model -m --system -s --max-tokens --temperature --cid
         case 'review'
             printf '%s\n' -- --range --fail-on --timeout --model -m --max-tokens
+        case 'serve'
+            printf '%s\n' -- --model -m --host --port --api-key --queue
         case 'cache prune'
             printf '%s\n' -- --older-than --cap
         case 'logs'
@@ -61,9 +65,11 @@ complete -c dsv4 -e
 complete -c dsv4 -n '__dsv4_at \'\'' -f
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'pack' -d 'Pack a repository or documents into one prompt (stdout); a summary goes to stderr'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'ask' -d 'Ask a model a question, about files or piped text when given'
+complete -c dsv4 -n '__dsv4_at \'\'' -a 'chat' -d 'Talk with a model about files: the SOURCEs are packed once, each turn reuses the cached prefix'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'pull' -d 'Fetch a model into the home directory, verified (prints its path)'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'models' -d 'List the installed models with their sizes and paths'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'review' -d 'Review a diff (uncommitted changes by default) with the repository as context'
+complete -c dsv4 -n '__dsv4_at \'\'' -a 'serve' -d 'Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'completion' -d 'Print the completion script for a shell (bash, zsh or fish)'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'cache' -d 'Inspect and trim the prefix KV cache (prompts already read, kept on disk)'
 complete -c dsv4 -n '__dsv4_at \'\'' -a 'config' -d 'Show where settings live and which values are in effect'
@@ -99,7 +105,20 @@ complete -c dsv4 -n '__dsv4_at \'ask\'' -l verbose -s v -d 'Usage, timings and t
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-cap -r -d 'Prefix cache size cap, e.g'
+complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-log -d 'Keep this exchange out of the conversation log (dsv4 logs)'
+complete -c dsv4 -n '__dsv4_at \'ask\'' -l backend -r -d 'OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l help -s h -d 'Show this message and exit'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path; default mini, or the resumed conversation\'s'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l system -s s -r -d 'System prompt (\'\' for the model\'s own default)'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l max-tokens -r -d 'Longest answer per turn, in tokens'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l temperature -r -d '0 = greedy (deterministic)'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l continue -s c -d 'Resume the latest conversation'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l cid -r -d 'Resume this conversation (an id from \'dsv4 logs\', or a unique prefix)'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l no-log -d 'Keep this conversation out of the log'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l think -d 'flash/pro: show the model\'s reasoning, dimmed, apart from the answer'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'pull\'' -f
 complete -c dsv4 -n '__dsv4_at \'pull\'' -a 'mini flash pro'
 complete -c dsv4 -n '__dsv4_at \'pull\'' -l help -s h -d 'Show this message and exit'
@@ -119,6 +138,14 @@ complete -c dsv4 -n '__dsv4_at \'review\'' -l no-log -d 'Do not keep this review
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l help -s h -d 'Show this message and exit'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -f
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l host -r -d 'Address to listen on (loopback unless told otherwise)'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l port -r -d 'Port to listen on (0 = any free one)'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l api-key -r -d 'Require \'Authorization: Bearer KEY\' (default $DSV4_API_KEY)'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l queue -r -d 'Requests that may wait while one is answered; more get 503'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
+complete -c dsv4 -n '__dsv4_at \'serve\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'completion\'' -f
 complete -c dsv4 -n '__dsv4_at \'completion\'' -a 'bash zsh fish'
 complete -c dsv4 -n '__dsv4_at \'completion\'' -l help -s h -d 'Show this message and exit'
@@ -156,7 +183,7 @@ complete -c dsv4 -n '__dsv4_at \'config show\'' -f
 complete -c dsv4 -n '__dsv4_at \'config show\'' -l json -d 'Print a JSON object: key -> value, source'
 complete -c dsv4 -n '__dsv4_at \'config show\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'config set\'' -f
-complete -c dsv4 -n '__dsv4_at \'config set\'' -a 'model max_tokens temperature budget color backend cache_cap exclude review.fail_on review.timeout review.max_tokens'
+complete -c dsv4 -n '__dsv4_at \'config set\'' -a 'model max_tokens temperature budget color backend api_key cache_cap exclude review.fail_on review.timeout review.max_tokens'
 complete -c dsv4 -n '__dsv4_at \'config set\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'logs\'' -f
 complete -c dsv4 -n '__dsv4_at \'logs\'' -a 'show' -d 'Print one conversation: each question and answer, with usage'
