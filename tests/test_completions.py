@@ -79,7 +79,7 @@ def test_bash_completes_ask_from_a(tmp_path):
     ("line", "expected"),
     [
         ("dsv4 re", ["review"]),
-        ("dsv4 c", ["completion", "cache", "config"]),
+        ("dsv4 c", ["chat", "completion", "cache", "config"]),
         ("dsv4 config ", ["path", "show", "set"]),
         ("dsv4 review --fa", ["--fail-on"]),
         ("dsv4 review --fail-on ", ["info", "warning", "error"]),
