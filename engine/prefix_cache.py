@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
+from engine.atomic_files import atomic_write_bytes, fsync_dir
 
 MAGIC = b"DSV4KVC\x00"
 FORMAT_VERSION = 1
@@ -152,7 +153,7 @@ def file_digest(path: str | os.PathLike[str], memo_dir: Path | None = None) -> s
     memo[key] = {"stamp": stamp, "sha256": value}
     with contextlib.suppress(OSError):
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
+        atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
     return value
 
 
@@ -403,28 +404,6 @@ def cache_lock(root: Path, *, exclusive: bool) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 _written_by_process = 0
 
 
@@ -614,7 +593,7 @@ class PrefixCache:
                 os.fsync(handle.fileno())
             with cache_lock(self.root, exclusive=True):
                 os.replace(temp, target)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
                 self._evict_locked(incoming=0)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -626,7 +605,7 @@ class PrefixCache:
         if not note.exists():
             with contextlib.suppress(OSError):
                 note_text = {"label": self.fingerprint.label, "digest": self.fingerprint.digest, "fields": self.fingerprint.fields}
-                _atomic_write_bytes(note, json.dumps(note_text, indent=1, sort_keys=True).encode())
+                atomic_write_bytes(note, json.dumps(note_text, indent=1, sort_keys=True).encode())
         else:
             with contextlib.suppress(OSError):
                 os.utime(note)

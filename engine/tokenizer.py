@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any
 
 import tiktoken
 
+from engine.atomic_files import atomic_write_bytes
 from engine.errors import ModelFormatError
 
 # Bump when the derived table's meaning changes, so stale cache entries are ignored.
@@ -717,17 +716,11 @@ def _read_cached_table(path: Path, pat_str: str) -> _Table | None:
 
 
 def _write_cached_table(path: Path, table: _Table) -> None:
+    # dumps, not dump: only dumps uses the C encoder (the same text, several times faster)
+    data = json.dumps(table.to_json(), ensure_ascii=True, separators=(",", ":")).encode("ascii")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tok-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                # dumps, not dump: only dumps uses the C encoder (the same text, several times faster)
-                f.write(json.dumps(table.to_json(), ensure_ascii=True, separators=(",", ":")))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)
     except OSError:
         pass  # a read-only home only costs speed next time
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from engine import paths
+from engine.atomic_files import fsync_dir
 
 FORMAT_VERSION = 1
 _EDGE_BYTES = 1 << 20
@@ -124,7 +125,7 @@ def write(entry: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> 
             os.fsync(handle.fileno())
         os.replace(temp, entry)
         temp = None
-        _fsync_dir(entry.parent)
+        fsync_dir(entry.parent)
         prefix = entry.name.rsplit("-", 1)[0] + "-"
         for old in entry.parent.glob(prefix + "*" + _SUFFIX):
             if old != entry:
@@ -164,15 +165,6 @@ def _serialize(handle, tensors: dict[str, Tensor], metadata: dict[str, str]) -> 
         handle.write(b"\0" * pad)
         if t.numel():
             handle.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def encode_layers(layers: dict[str, str]) -> str:

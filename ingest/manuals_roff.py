@@ -55,7 +55,7 @@ _GLYPHS: dict[str, str] = {
     "S1": "\u00b9", "S2": "\u00b2", "S3": "\u00b3", "r!": "\u00a1", "r?": "\u00bf",
     "ff": "ff", "fi": "fi", "fl": "fl", "Fi": "ffi", "Fl": "ffl", "bq": "\u201e",
     "Bq": "\u201a", "at": "@", "sh": "#", "Do": "$", "ci": "\u25cb", "sq": "\u25a1",
-    "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "\u27e8", "ra": "\u27e9",
+    "lB": "[", "rB": "]", "lC": "{", "rC": "}",
     "tno": "\u00ac", "ap": "~", "product": "\u220f", "sum": "\u2211", "integral": "\u222b",
 }
 _GREEK = dict(zip("abgdezyhiklmncoprstufxqw", "\u03b1\u03b2\u03b3\u03b4\u03b5\u03b6\u03b7\u03b8"
