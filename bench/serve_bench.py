@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4")
     args = parser.parse_args()
 
+    path = find_gguf(args.gguf)   # from the real home, before the temporary one replaces it
     os.environ["DSV4_HOME"] = tempfile.mkdtemp(prefix="dsv4-serve-bench-")
     sys.path.insert(0, str(ROOT))
     import torch
@@ -124,7 +125,6 @@ def main() -> None:
     from dsv4cli.commands.serve import EngineServedModel, build_server
     from dsv4cli.server import start_in_thread
 
-    path = find_gguf(args.gguf)
     served = EngineServedModel(engine.load(str(path)), "mini")
     server = build_server(served, "127.0.0.1", 0, None, queue_limit=64, default_max_tokens=args.max_tokens)
     start_in_thread(server)
