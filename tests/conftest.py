@@ -25,3 +25,15 @@ def default_float_modes():
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests: on two shared cores, OpenMP barriers cost more than
+    the work itself. Used through `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from engine.deepseek_v4.state import CompressorState
 from engine.deepseek_v4.weights import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on two shared cores run far faster without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ DATA = Path(__file__).parent / "data"
 ATOL = 1e-4  # fp32: different chunkings reorder sums, nothing more
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from engine.deepseek_v4.weights import load_checkpoint
 from engine.errors import ModelFormatError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ids(length: int = 30) -> torch.Tensor:

@@ -16,14 +16,7 @@ from tests.tinymodels import write_tiny_llama_gguf
 CTX = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on 2 shared cores: OpenMP barriers cost more than the work (50 ms vs 0.5 ms
-    per step when the machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from tests.tinymodels import tiny_llama_weights, write_tiny_llama_gguf
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on 2 shared cores: OpenMP barriers cost more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from engine.gguf_weights import MODES, build_llama
 from tests.tinymodels import write_tiny_llama_gguf
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 8, 61, 120, 33]])
