@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shared import find_gguf  # bench/ is on sys.path: it holds the script
+
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = ROOT / "tests" / "data" / "mini-llamacpp-textwrap.json"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -35,18 +37,6 @@ HELDOUT_TEXT = STDLIB / "shlex.py"
 HELDOUT_TOKENS = 2048
 DECODE_TOKENS = 64
 RSS_PROMPT = 8000
-
-
-def find_gguf(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    sys.path.insert(0, str(ROOT))
-    from tests.tinymodels import real_model_gguf
-
-    path = real_model_gguf()
-    if path is None:
-        sys.exit("the real mini model is not installed: run `dsv4 pull mini` or pass --gguf")
-    return path
 
 
 def text_ids(gguf: Path, path: Path, n: int) -> list[int]:

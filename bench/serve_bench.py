@@ -26,21 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from _shared import find_gguf  # bench/ is on sys.path: it holds the script
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 DOCUMENT_CHARS = 6000
-
-
-def find_gguf(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    sys.path.insert(0, str(ROOT))
-    from tests.tinymodels import real_model_gguf
-
-    path = real_model_gguf()
-    if path is None:
-        sys.exit("mini is not installed: run `dsv4 pull mini` or pass --gguf PATH")
-    return path
 
 
 def one_request(port: int, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float]:
