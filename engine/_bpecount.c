@@ -1,0 +1,522 @@
+/* Exact byte-level BPE token counts for one split rule: single digits, then GPT-2's pattern
+ * (engine/tokenizer.py DIGITS_PAT_STR), split by hand instead of by a regex engine.
+ *
+ * The result equals len(tiktoken.Encoding.encode_ordinary(text)) for the same ranks, minus
+ * tokens ranked at or past `limit` (bytes the vocabulary lacks, which encode drops): the
+ * pieces are tiktoken's regex matches, a piece that is a whole token counts one, any other
+ * piece is merged lowest rank first, leftmost first, as tiktoken merges. Most pieces of code
+ * repeat ("self", " =", "\n    "), so a per-thread memo maps a piece's bytes to its count.
+ * Counting runs with the GIL released; a Counter is read-only once built, a Memo is used by
+ * one call at a time (a busy memo is simply not used). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_bpecount_tables.h"
+
+enum { C_OTHER = 0, C_LETTER = 1, C_NUMBER = 2, C_SPACE = 3 };
+
+#define MEMO_MAX_PIECE 128          /* longer pieces are rare and rarely repeat */
+#define MEMO_MAX_ENTRIES (1u << 21)  /* ~2M pieces; past that, new pieces are not remembered */
+#define STACK_PARTS 256
+
+static unsigned char ascii_class[128];
+
+static int class_of(uint32_t cp) {
+    if (cp < 128) return ascii_class[cp];
+    int lo = 0, hi = BPE_CLASS_RANGE_COUNT - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) >> 1;
+        if (cp < bpe_class_ranges[mid].first) hi = mid - 1;
+        else if (cp > bpe_class_ranges[mid].last) lo = mid + 1;
+        else return bpe_class_ranges[mid].cls;
+    }
+    return C_OTHER;
+}
+
+/* The class of the (valid UTF-8) character at s[i]; its length in *len. */
+static inline int class_at(const uint8_t *s, Py_ssize_t i, int *len) {
+    uint8_t b = s[i];
+    if (b < 0x80) { *len = 1; return ascii_class[b]; }
+    uint32_t cp;
+    if (b < 0xE0) { cp = ((uint32_t)(b & 0x1F) << 6) | (s[i + 1] & 0x3F); *len = 2; }
+    else if (b < 0xF0) { cp = ((uint32_t)(b & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F); *len = 3; }
+    else {
+        cp = ((uint32_t)(b & 0x07) << 18) | ((uint32_t)(s[i + 1] & 0x3F) << 12) | ((uint32_t)(s[i + 2] & 0x3F) << 6) | (s[i + 3] & 0x3F);
+        *len = 4;
+    }
+    return class_of(cp);
+}
+
+static inline Py_ssize_t run_end(const uint8_t *s, Py_ssize_t j, Py_ssize_t n, int cls) {
+    int len;
+    while (j < n && class_at(s, j, &len) == cls) j += len;
+    return j;
+}
+
+/* End of the piece starting at i: the first alternative of
+ *   \p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+
+ * that matches there, as the regex engine's leftmost-first alternation picks it. */
+static Py_ssize_t piece_end(const uint8_t *s, Py_ssize_t i, Py_ssize_t n) {
+    int len, next_len;
+    int cls = class_at(s, i, &len);
+    if (cls == C_NUMBER) return i + len;
+    if (s[i] == '\'' && i + 1 < n) {
+        uint8_t a = s[i + 1];
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if (i + 2 < n) {
+            uint8_t b = s[i + 2];
+            if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+        }
+    }
+    if (cls != C_SPACE) return run_end(s, i + len, n, cls);   /* letters, or other symbols */
+    if (s[i] == ' ' && i + 1 < n) {
+        int next = class_at(s, i + 1, &next_len);
+        if (next == C_LETTER || next == C_OTHER) return run_end(s, i + 1 + next_len, n, next);
+    }
+    /* a whitespace run: whole before a digit or at the end; else all but its last character
+     * (which then leads the next piece), unless that would leave it empty */
+    Py_ssize_t last = i, j = i + len;
+    int next = C_OTHER;
+    while (j < n) {
+        next = class_at(s, j, &next_len);
+        if (next != C_SPACE) break;
+        last = j;
+        j += next_len;
+    }
+    if (j == n || next == C_NUMBER || last == i) return j;
+    return last;
+}
+
+/* ---- byte-string hash table ------------------------------------------------------------ */
+
+static inline uint64_t hash_bytes(const uint8_t *p, Py_ssize_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ull;
+        h ^= h >> 31;
+        p += 8;
+        n -= 8;
+    }
+    if (n > 0) {
+        uint64_t w = 0;
+        memcpy(&w, p, (size_t)n);
+        h = (h ^ w) * 0x94D049BB133111EBull;
+        h ^= h >> 29;
+    }
+    h *= 0xBF58476D1CE4E5B9ull;
+    return h ^ (h >> 32);
+}
+
+typedef struct {
+    uint64_t hash;
+    uint32_t offset;   /* into the table's byte arena */
+    uint32_t length;   /* 0: empty slot */
+    uint32_t value;
+} slot_t;
+
+typedef struct {
+    slot_t *slots;
+    size_t mask;       /* capacity - 1, capacity a power of two */
+    size_t used;
+    uint8_t *arena;
+    size_t arena_used, arena_size;
+} table_t;
+
+static int table_init(table_t *t, size_t capacity) {
+    size_t cap = 16;
+    while (cap < capacity * 2) cap <<= 1;
+    t->slots = calloc(cap, sizeof(slot_t));
+    t->mask = cap - 1;
+    t->used = 0;
+    t->arena_size = 4096;
+    t->arena = malloc(t->arena_size);
+    t->arena_used = 0;
+    return t->slots && t->arena ? 0 : -1;
+}
+
+static void table_free(table_t *t) {
+    free(t->slots);
+    free(t->arena);
+    t->slots = NULL;
+    t->arena = NULL;
+}
+
+static inline const slot_t *table_find(const table_t *t, const uint8_t *p, Py_ssize_t n, uint64_t h) {
+    size_t i = (size_t)h & t->mask;
+    for (;;) {
+        const slot_t *slot = &t->slots[i];
+        if (slot->length == 0) return NULL;
+        if (slot->hash == h && slot->length == (uint32_t)n && memcmp(t->arena + slot->offset, p, (size_t)n) == 0) return slot;
+        i = (i + 1) & t->mask;
+    }
+}
+
+static int table_grow(table_t *t) {
+    size_t cap = (t->mask + 1) * 2;
+    slot_t *slots = calloc(cap, sizeof(slot_t));
+    if (!slots) return -1;
+    for (size_t k = 0; k <= t->mask; k++) {
+        slot_t *old = &t->slots[k];
+        if (old->length == 0) continue;
+        size_t i = (size_t)old->hash & (cap - 1);
+        while (slots[i].length) i = (i + 1) & (cap - 1);
+        slots[i] = *old;
+    }
+    free(t->slots);
+    t->slots = slots;
+    t->mask = cap - 1;
+    return 0;
+}
+
+/* Adds a key known to be absent; -1 when out of memory (the table is unchanged). */
+static int table_add(table_t *t, const uint8_t *p, Py_ssize_t n, uint64_t h, uint32_t value) {
+    if (n <= 0 || (uint64_t)n > UINT32_MAX) return -1;
+    if ((t->used + 1) * 4 > (t->mask + 1) * 3 && table_grow(t) < 0) return -1;
+    if (t->arena_used + (size_t)n > t->arena_size) {
+        size_t size = t->arena_size;
+        while (t->arena_used + (size_t)n > size) size *= 2;
+        if (size > UINT32_MAX) return -1;
+        uint8_t *arena = realloc(t->arena, size);
+        if (!arena) return -1;
+        t->arena = arena;
+        t->arena_size = size;
+    }
+    memcpy(t->arena + t->arena_used, p, (size_t)n);
+    size_t i = (size_t)h & t->mask;
+    while (t->slots[i].length) i = (i + 1) & t->mask;
+    t->slots[i].hash = h;
+    t->slots[i].offset = (uint32_t)t->arena_used;
+    t->slots[i].length = (uint32_t)n;
+    t->slots[i].value = value;
+    t->arena_used += (size_t)n;
+    t->used++;
+    return 0;
+}
+
+/* ---- Counter ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    table_t ranks;            /* token bytes -> rank */
+    uint32_t limit;           /* ranks at or past it are not counted (missing bytes) */
+    uint8_t byte_counts[256]; /* 1 when a lone byte counts as a token, 0 when it is dropped */
+} CounterObject;
+
+typedef struct {
+    PyObject_HEAD
+    table_t pieces;           /* piece bytes -> token count */
+    int busy;
+} MemoObject;
+
+#define NO_RANK UINT32_MAX
+
+static inline uint32_t rank_of(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    const slot_t *slot = table_find(&c->ranks, p, n, hash_bytes(p, n));
+    return slot ? slot->value : NO_RANK;
+}
+
+/* tiktoken's merge loop over one piece; returns the count of tokens ranked below the limit.
+ * starts[k] is where part k begins; pair_rank[k] the rank of parts k and k+1 joined. */
+static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    Py_ssize_t stack_starts[STACK_PARTS + 1];
+    uint32_t stack_ranks[STACK_PARTS + 1];
+    Py_ssize_t *starts = stack_starts;
+    uint32_t *pair_rank = stack_ranks;
+    if (n > STACK_PARTS) {
+        starts = malloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+        pair_rank = malloc(sizeof(uint32_t) * (size_t)(n + 1));
+        if (!starts || !pair_rank) {
+            free(starts);
+            free(pair_rank);
+            return -1;
+        }
+    }
+    Py_ssize_t parts = n;   /* parts; starts[parts] == n closes the last one */
+    for (Py_ssize_t k = 0; k <= n; k++) starts[k] = k;
+    for (Py_ssize_t k = 0; k + 1 < parts; k++) pair_rank[k] = rank_of(c, p + k, 2);
+    if (parts > 0) pair_rank[parts - 1] = NO_RANK;
+    while (parts > 1) {
+        uint32_t best = NO_RANK;
+        Py_ssize_t at = -1;
+        for (Py_ssize_t k = 0; k + 1 < parts; k++) {
+            if (pair_rank[k] < best) {
+                best = pair_rank[k];
+                at = k;
+            }
+        }
+        if (at < 0) break;
+        /* join parts at and at+1 */
+        memmove(starts + at + 1, starts + at + 2, sizeof(Py_ssize_t) * (size_t)(parts - at - 1));
+        memmove(pair_rank + at + 1, pair_rank + at + 2, sizeof(uint32_t) * (size_t)(parts - at - 2));
+        parts--;
+        pair_rank[at] = at + 1 < parts ? rank_of(c, p + starts[at], starts[at + 2] - starts[at]) : NO_RANK;
+        if (at > 0) pair_rank[at - 1] = rank_of(c, p + starts[at - 1], starts[at + 1] - starts[at - 1]);
+    }
+    Py_ssize_t count = 0;
+    for (Py_ssize_t k = 0; k < parts; k++) {
+        Py_ssize_t len = starts[k + 1] - starts[k];
+        /* only single bytes can be missing: no merge involves a byte the vocabulary lacks */
+        count += len == 1 ? c->byte_counts[p[starts[k]]] : 1;
+    }
+    if (starts != stack_starts) {
+        free(starts);
+        free(pair_rank);
+    }
+    return count;
+}
+
+static Py_ssize_t piece_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    if (n == 1) return c->byte_counts[p[0]];
+    uint32_t whole = rank_of(c, p, n);
+    if (whole != NO_RANK) return whole < c->limit ? 1 : 0;
+    return merge_count(c, p, n);
+}
+
+/* The count of a whole text; -1 when out of memory. */
+static Py_ssize_t text_count(const CounterObject *c, table_t *memo, const uint8_t *s, Py_ssize_t n) {
+    Py_ssize_t total = 0, i = 0;
+    while (i < n) {
+        Py_ssize_t end = piece_end(s, i, n), len = end - i, count;
+        const uint8_t *p = s + i;
+        if (memo && len > 1 && len <= MEMO_MAX_PIECE) {
+            uint64_t h = hash_bytes(p, len);
+            const slot_t *slot = table_find(memo, p, len, h);
+            if (slot) {
+                count = slot->value;
+            } else {
+                count = piece_count(c, p, len);
+                if (count < 0) return -1;
+                if (memo->used < MEMO_MAX_ENTRIES) table_add(memo, p, len, h, (uint32_t)count);  /* full: just not remembered */
+            }
+        } else {
+            count = piece_count(c, p, len);
+            if (count < 0) return -1;
+        }
+        total += count;
+        i = end;
+    }
+    return total;
+}
+
+static void Counter_dealloc(CounterObject *self) {
+    table_free(&self->ranks);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Counter_init(CounterObject *self, PyObject *args, PyObject *kwds) {
+    static char *keywords[] = {"ranks", "limit", NULL};
+    PyObject *ranks;
+    unsigned long limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!k", keywords, &PyDict_Type, &ranks, &limit)) return -1;
+    if (self->ranks.slots) {
+        PyErr_SetString(PyExc_RuntimeError, "Counter is already initialised");
+        return -1;
+    }
+    if (limit > NO_RANK) {
+        PyErr_SetString(PyExc_ValueError, "limit is too large");
+        return -1;
+    }
+    if (table_init(&self->ranks, (size_t)PyDict_Size(ranks)) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->limit = (uint32_t)limit;
+    memset(self->byte_counts, 0, sizeof(self->byte_counts));
+    int have_byte[256] = {0};
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(ranks, &pos, &key, &value)) {
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "ranks keys must be bytes");
+            return -1;
+        }
+        unsigned long rank = PyLong_AsUnsignedLong(value);
+        if (rank == (unsigned long)-1 && PyErr_Occurred()) return -1;
+        if (rank >= NO_RANK) {
+            PyErr_SetString(PyExc_ValueError, "rank is too large");
+            return -1;
+        }
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(key);
+        Py_ssize_t n = PyBytes_GET_SIZE(key);
+        if (n == 0) {
+            PyErr_SetString(PyExc_ValueError, "an empty token");
+            return -1;
+        }
+        uint64_t h = hash_bytes(p, n);
+        if (table_find(&self->ranks, p, n, h)) {
+            PyErr_SetString(PyExc_ValueError, "a token appears twice");
+            return -1;
+        }
+        if (table_add(&self->ranks, p, n, h, (uint32_t)rank) < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (n == 1) {
+            have_byte[p[0]] = 1;
+            self->byte_counts[p[0]] = rank < self->limit;
+        }
+    }
+    for (int b = 0; b < 256; b++) {
+        if (!have_byte[b]) {
+            PyErr_Format(PyExc_ValueError, "ranks lack the single byte 0x%02x", b);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyTypeObject MemoType;
+
+/* The text's UTF-8 bytes without copying ASCII text; *owner holds a copy when one was made.
+ * Lone surrogates raise UnicodeEncodeError, as tiktoken's encoding does. */
+static const uint8_t *utf8_of(PyObject *text, Py_ssize_t *n, PyObject **owner) {
+    *owner = NULL;
+    if (PyUnicode_IS_ASCII(text)) {
+        *n = PyUnicode_GET_LENGTH(text);
+        return (const uint8_t *)PyUnicode_DATA(text);
+    }
+    *owner = PyUnicode_AsUTF8String(text);
+    if (!*owner) return NULL;
+    *n = PyBytes_GET_SIZE(*owner);
+    return (const uint8_t *)PyBytes_AS_STRING(*owner);
+}
+
+static PyObject *Counter_count(CounterObject *self, PyObject *args) {
+    PyObject *text, *memo_arg = Py_None;
+    if (!PyArg_ParseTuple(args, "U|O", &text, &memo_arg)) return NULL;
+    if (!self->ranks.slots) {
+        PyErr_SetString(PyExc_RuntimeError, "Counter is not initialised");
+        return NULL;
+    }
+    MemoObject *memo = NULL;
+    if (memo_arg != Py_None) {
+        if (!PyObject_TypeCheck(memo_arg, &MemoType)) {
+            PyErr_SetString(PyExc_TypeError, "memo must be a Memo or None");
+            return NULL;
+        }
+        memo = (MemoObject *)memo_arg;
+        if (memo->busy) memo = NULL;   /* another thread holds it: count without it */
+        else memo->busy = 1;           /* set with the GIL held, so no other call sees it free */
+    }
+    Py_ssize_t n, total;
+    PyObject *owner;
+    const uint8_t *s = utf8_of(text, &n, &owner);
+    if (!s) {
+        if (memo) memo->busy = 0;
+        return NULL;
+    }
+    Py_INCREF(text);
+    Py_BEGIN_ALLOW_THREADS
+    total = text_count(self, memo ? &memo->pieces : NULL, s, n);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(text);
+    Py_XDECREF(owner);
+    if (memo) memo->busy = 0;
+    if (total < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(total);
+}
+
+static PyObject *Counter_pieces(CounterObject *self, PyObject *args) {
+    /* The split alone, as UTF-8 bytes objects (tests compare it with the regex's matches). */
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "U", &text)) return NULL;
+    Py_ssize_t n;
+    PyObject *owner;
+    const uint8_t *s = utf8_of(text, &n, &owner);
+    if (!s) return NULL;
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < n;) {
+        Py_ssize_t end = piece_end(s, i, n);
+        PyObject *piece = PyBytes_FromStringAndSize((const char *)s + i, end - i);
+        if (!piece || PyList_Append(out, piece) < 0) Py_CLEAR(out);
+        Py_XDECREF(piece);
+        i = end;
+    }
+    Py_XDECREF(owner);
+    return out;
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"count", (PyCFunction)Counter_count, METH_VARARGS,
+     "count(text, memo=None) -> int: the text's token count (the GIL is released while counting)"},
+    {"pieces", (PyCFunction)Counter_pieces, METH_VARARGS, "pieces(text) -> list[bytes]: the pre-tokenizer's split"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "engine._bpecount.Counter",
+    .tp_basicsize = sizeof(CounterObject),
+    .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counter(ranks: dict[bytes, int], limit: int): exact BPE token counts",
+    .tp_methods = Counter_methods,
+    .tp_init = (initproc)Counter_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- Memo ------------------------------------------------------------------------------- */
+
+static void Memo_dealloc(MemoObject *self) {
+    table_free(&self->pieces);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Memo_init(MemoObject *self, PyObject *args, PyObject *kwds) {
+    static char *keywords[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", keywords)) return -1;
+    if (self->pieces.slots) return 0;
+    if (table_init(&self->pieces, 1 << 14) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t Memo_len(MemoObject *self) { return (Py_ssize_t)self->pieces.used; }
+
+static PySequenceMethods Memo_as_sequence = {.sq_length = (lenfunc)Memo_len};
+
+static PyTypeObject MemoType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "engine._bpecount.Memo",
+    .tp_basicsize = sizeof(MemoObject),
+    .tp_dealloc = (destructor)Memo_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Memo(): piece -> token count, for one thread's Counter.count calls",
+    .tp_as_sequence = &Memo_as_sequence,
+    .tp_init = (initproc)Memo_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- module ----------------------------------------------------------------------------- */
+
+static struct PyModuleDef bpecount_module = {
+    PyModuleDef_HEAD_INIT, "engine._bpecount",
+    "Exact token counts for the digits-then-GPT-2 byte-level BPE split (see engine/bpe_count.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__bpecount(void) {
+    for (int k = 0; k < BPE_CLASS_RANGE_COUNT && bpe_class_ranges[k].first < 128; k++) {
+        for (unsigned int cp = bpe_class_ranges[k].first; cp <= bpe_class_ranges[k].last && cp < 128; cp++) {
+            ascii_class[cp] = bpe_class_ranges[k].cls;
+        }
+    }
+    if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&MemoType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&bpecount_module);
+    if (!module) return NULL;
+    Py_INCREF(&CounterType);
+    Py_INCREF(&MemoType);
+    if (PyModule_AddObject(module, "Counter", (PyObject *)&CounterType) < 0 ||
+        PyModule_AddObject(module, "Memo", (PyObject *)&MemoType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

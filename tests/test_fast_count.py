@@ -1,0 +1,200 @@
+"""The C token counter (engine/_bpecount.c via engine/bpe_count.py) counts exactly as tiktoken
+encodes: len(Tokenizer.encode(text)) on real code, random text and edge cases, with and
+without its piece memo, on several threads; other split rules and a missing extension fall
+back to tiktoken."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import re
+import sysconfig
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine import bpe_count
+from engine.gen_bpecount_tables import HEADER, class_ranges, render
+from engine.tokenizer import DIGITS_PAT_STR, Tokenizer
+from tests.tinymodels import CONTROL_TOKENS, real_model_gguf, write_tiny_hf_tokenizer, write_tiny_llama_gguf
+
+needs_extension = pytest.mark.skipif(not bpe_count.available(), reason="engine._bpecount is not built (no C compiler at install)")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+_PIECES = [
+    "def", " x", "\n", "\n\n", "  ", "    ", "\t", "\r\n", " \n ", "é", "e\u0301", "\u0308", "中文", "日本語", "😀", "👩\u200d💻",
+    "\U00041234", "\U000b0000", "\U00031350",   # a CJK Ext H letter: newer than Python 3.11's Unicode tables
+    "\x04", "\x1d", "\x1c", "\x00", "\x7f", "\u0085", "\u00a0", "\u2028", "\u3000", "\u200b", "\ufeff",
+    "'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'d", "''", "'", "n't", " '", "'x",
+    "123", " 4", "7", "٣", "²", "Ⅻ", "½", "x2", "\ufffd", "`", "</file>", "<|im_end|>", "<|endoftext|>",
+    "\ud800", "\udc00", "\ud83d\ude00", "==", "!=", " +=", "->", "#", "\\", '"""', "/*",
+]
+
+
+def random_texts(seed: str, n: int = 300) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["", " ", "x", "\x04", "\U00041234", "a\ud800b", "\ud83d\ude00", "plain ASCII only\n" * 50,
+             "=" * 700, "a" * 3000, " " * 600 + "1", "\n" * 400, "é" * 500]
+    for _ in range(n):
+        texts.append("".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 60))))
+    return texts
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_sample(limit: int) -> tuple[str, ...]:
+    paths = sorted(STDLIB.rglob("*.py"))
+    step = max(1, len(paths) // limit)
+    texts = []
+    for path in paths[::step][:limit]:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return tuple(texts)
+
+
+def stdlib_sample(limit: int = 300) -> list[str]:
+    """Every k-th .py file of the standard library: ~300 real files, ~3 MB."""
+    return list(_stdlib_sample(limit))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("fast") / "tiny.gguf"
+    write_tiny_llama_gguf(path)
+    return Tokenizer.from_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def real() -> Tokenizer:
+    path = real_model_gguf()
+    if path is None:
+        pytest.skip("the real embedded model is not installed")
+    return Tokenizer.from_gguf(path)
+
+
+def tiktoken_counts(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    return [tokenizer._tiktoken_count(t) for t in texts]
+
+
+def test_the_c_split_rule_is_the_tokenizers_rule():
+    assert bpe_count.IMPLEMENTED_PAT_STR == DIGITS_PAT_STR
+
+
+def test_the_committed_class_table_matches_the_installed_tiktoken():
+    """engine/_bpecount_tables.h was generated from tiktoken's own \\p{L}, \\p{N} and \\s."""
+    committed = HEADER.read_text(encoding="ascii")
+    regenerated = render(class_ranges())
+    drop_version = re.compile(r"from tiktoken \S+;")
+    assert drop_version.sub("", committed) == drop_version.sub("", regenerated), "run python engine/gen_bpecount_tables.py"
+
+
+@needs_extension
+def test_the_split_is_tiktokens_regex_split(tiny):
+    import regex
+
+    pattern = regex.compile(DIGITS_PAT_STR)
+    fast = tiny._fast
+    for text in random_texts("split"):
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        assert fast.pieces(text) == [m.encode("utf-8") for m in pattern.findall(text)], repr(text)
+
+
+@needs_extension
+def test_counts_equal_tiktoken_on_standard_library_code(tiny):
+    assert tiny._fast is not None
+    texts = stdlib_sample()
+    assert len(texts) > 200
+    assert [tiny.count(t) for t in texts] == tiktoken_counts(tiny, texts)
+
+
+@needs_extension
+@pytest.mark.model
+def test_counts_equal_tiktoken_with_the_real_vocabulary(real):
+    assert real._fast is not None and real._missing_ascii    # SmolLM2 lacks some bytes: they are dropped
+    texts = stdlib_sample() + random_texts("real")
+    expected = tiktoken_counts(real, texts)
+    assert [real.count(t) for t in texts] == expected
+    assert [len(real.encode(t)) for t in texts[:50]] == expected[:50]
+
+
+@needs_extension
+def test_counts_equal_tiktoken_on_random_text(tiny):
+    texts = random_texts("random", 600)
+    expected = tiktoken_counts(tiny, texts)
+    assert [tiny.count(t) for t in texts] == expected
+    assert tiny.count("") == 0
+    specials = "".join(CONTROL_TOKENS)
+    assert tiny.count(specials) == len(tiny.encode(specials)) > len(CONTROL_TOKENS)   # plain text, not control ids
+
+
+@needs_extension
+def test_counts_with_and_without_the_memo_agree(tiny):
+    texts = stdlib_sample(60) + random_texts("memo")
+    ranks = tiny._table.mergeable_ranks()
+    with_memo = bpe_count.FastCounter(ranks, tiny.vocab_size)
+    without = bpe_count.FastCounter(ranks, tiny.vocab_size, memo=False)
+    first = [with_memo.count(t) for t in texts]
+    assert first == [without.count(t) for t in texts]
+    assert [with_memo.count(t) for t in texts] == first      # now mostly from the memo
+
+
+@needs_extension
+@pytest.mark.parametrize("missing", [[0x04, 0x1D, 0xF1], [0x85], [0xC3, 0xF0]])
+def test_bytes_the_vocabulary_lacks_are_not_counted(tiny, missing):
+    table = tiny._table
+    ids = [i for i, raw in enumerate(table.id_bytes) if len(raw) == 1 and raw[0] in missing]
+    changed = dataclasses.replace(table, non_rank_ids=sorted(set(table.non_rank_ids) | set(ids)),
+                                  extra_bytes=sorted(set(table.extra_bytes) | set(missing)))
+    tokenizer = Tokenizer(changed, name="missing", digest="0" * 64, vocab_size=len(table.id_bytes))
+    assert tokenizer._fast is not None
+    texts = random_texts(f"missing-{missing}")
+    assert [tokenizer.count(t) for t in texts] == [len(tokenizer.encode(t)) for t in texts]
+
+
+@needs_extension
+def test_threads_count_in_parallel_and_exactly(tiny):
+    texts = stdlib_sample(80) + random_texts("threads", 200)
+    expected = tiktoken_counts(tiny, texts)
+    assert tiny.count_batch(texts, num_threads=3) == expected
+    # one FastCounter from many threads at once: each thread's memo is its own
+    results: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [tiny.count(t) for t in texts[k::2] + texts[1 - k::2]]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[0] == expected[0::2] + expected[1::2]
+    assert results[1] == expected[1::2] + expected[0::2]
+
+
+def test_without_the_extension_tiktoken_counts(tiny, monkeypatch):
+    monkeypatch.setattr(bpe_count, "_bpecount", None)
+    tokenizer = Tokenizer(tiny._table, name="fallback", digest="1" * 64, vocab_size=tiny.vocab_size)
+    assert tokenizer._fast is None
+    texts = random_texts("fallback", 100)
+    assert tokenizer.count_batch(texts) == [len(tokenizer.encode(t)) for t in texts]
+
+
+def test_other_split_rules_count_with_tiktoken(tmp_path):
+    gpt2 = Tokenizer.from_gguf(write_tiny_llama_gguf(tmp_path / "gpt2.gguf", pre="gpt2"))
+    deepseek = Tokenizer.from_hf_dir(write_tiny_hf_tokenizer(tmp_path / "deepseek", style="deepseek"))
+    texts = random_texts("other", 100)
+    for tokenizer in (gpt2, deepseek):
+        assert tokenizer._fast is None
+        assert [tokenizer.count(t) for t in texts] == [len(tokenizer.encode(t)) for t in texts]
+
+
+@needs_extension
+def test_a_hugging_face_smollm_tokenizer_uses_the_c_counter(tmp_path):
+    tokenizer = Tokenizer.from_hf_dir(write_tiny_hf_tokenizer(tmp_path / "smollm", style="smollm"))
+    assert tokenizer._fast is not None
+    texts = random_texts("hf", 150) + stdlib_sample(40)
+    assert [tokenizer.count(t) for t in texts] == [len(tokenizer.encode(t)) for t in texts]
