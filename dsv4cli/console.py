@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import IO, Any
 
 from rich.console import Console
 
 
+def stderr_console(file: IO[str] | None = None, **options: Any) -> Console:
+    """How the stderr console is set up; `file` and `options` (width, color_system) let golden
+    tests build the very same console over a buffer."""
+    return Console(file=file or sys.stderr, stderr=file is None, highlight=False, soft_wrap=True, **options)
+
+
 @functools.lru_cache(maxsize=1)
 def _stderr_console(stream_id: int) -> Console:
-    return Console(file=sys.stderr, stderr=True, highlight=False, soft_wrap=True)
+    return stderr_console()
 
 
 def err() -> Console:

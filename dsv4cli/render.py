@@ -11,11 +11,12 @@ moves into the answer's live region (transient: it is gone when the answer is co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
@@ -32,8 +33,9 @@ AnswerMode = Literal["markdown", "plain", "json"]
 _REFRESH_PER_SECOND = 4  # each refresh re-renders the Markdown; keep the decode loop's CPU
 
 
-def stdout_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+def stdout_console(file: IO[str] | None = None, **options: Any) -> Console:
+    """The payload's console; `file` and `options` as for `console.stderr_console`."""
+    return Console(file=file or sys.stdout, highlight=False, soft_wrap=False, **options)
 
 
 def human_bytes(size: int) -> str:
@@ -171,8 +173,64 @@ class StatusLine:
         return Text(line, style="dim")
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningSplitter:
+    """Splits streamed text into reasoning and answer on `<think>`/`</think>`, tags that may
+    arrive cut across deltas. In thinking mode DeepSeek-V4's prompt already ends with
+    `<think>`, so the reply starts inside the reasoning (`inside=True`)."""
+
+    def __init__(self, inside: bool):
+        self.thinking = inside
+        self.reasoning = ""  # all reasoning text so far
+        self.boundary_seen = False  # a `</think>` came through
+        self._pending = ""
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        """(is_reasoning, text) pieces, in order; a possible tag prefix is held back."""
+        self._pending += text
+        pieces: list[tuple[bool, str]] = []
+        while self._pending:
+            tag = THINK_CLOSE if self.thinking else THINK_OPEN
+            at = self._pending.find(tag)
+            if at >= 0:
+                if at:
+                    pieces.append((self.thinking, self._pending[:at]))
+                self._pending = self._pending[at + len(tag):]
+                self.boundary_seen = self.boundary_seen or self.thinking
+                self.thinking = not self.thinking
+                continue
+            keep = _partial_tag_length(self._pending, tag)
+            ready = self._pending[: len(self._pending) - keep]
+            if ready:
+                pieces.append((self.thinking, ready))
+            self._pending = self._pending[len(ready):]
+            break
+        self.reasoning += "".join(piece for is_reasoning, piece in pieces if is_reasoning)
+        return pieces
+
+    def flush(self) -> list[tuple[bool, str]]:
+        rest, self._pending = self._pending, ""
+        if rest and self.thinking:
+            self.reasoning += rest
+        return [(self.thinking, rest)] if rest else []
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0
+
+
 class AnswerView:
-    """Shows one streamed answer; feed it every event, in order, inside `with`."""
+    """Shows one streamed answer; feed it every event, in order, inside `with`.
+
+    With `thinking=True` the stream is split on `<think>`/`</think>`: the reasoning goes to
+    stderr, dimmed (on a terminal its tail shows in the status region while it streams, then
+    it is printed whole above the answer), and only the answer reaches stdout. `--json`
+    keeps the reasoning for its own field and streams none of it."""
 
     def __init__(
         self,
@@ -182,6 +240,7 @@ class AnswerView:
         out: Console | None = None,
         err: Console | None = None,
         clock: Callable[[], float] = time.monotonic,
+        thinking: bool = False,
     ):
         self.mode = mode
         self.out = out or stdout_console()
@@ -192,6 +251,12 @@ class AnswerView:
         self._show_status = self.err.is_terminal
         self._status_live: Live | None = None
         self._answer_live: Live | None = None
+        self._splitter = ReasoningSplitter(inside=True) if thinking else None
+        self._reasoning_open = False  # reasoning shown whose end is not shown yet
+
+    @property
+    def reasoning(self) -> str:
+        return self._splitter.reasoning if self._splitter is not None else ""
 
     def __enter__(self) -> AnswerView:
         if self._show_status:
@@ -212,16 +277,24 @@ class AnswerView:
             self._refresh_status()
         elif isinstance(event, TextDelta):
             self.status.on_delta(event)
-            self.text += event.text
-            self._show_delta(event.text)
+            self._take(event.text)
         elif isinstance(event, Done):
-            self.done = event
-            if event.text and not self.text:
+            if event.text and not self.text and not self.reasoning:
                 # A model that only reports the whole text at the end still gets shown.
-                self.text = event.text
-                self._show_delta(event.text)
+                self._take(event.text)
+            if self._splitter is not None:
+                self._split(self._splitter.flush())
+                if not self._splitter.boundary_seen and self._splitter.reasoning and not self.text:
+                    # No end of reasoning came through (a model that skipped the tag): the
+                    # payload must not be empty, so all of it is taken as the answer.
+                    self._end_reasoning()
+                    note("no end of the reasoning was seen; all of it is taken as the answer", self.err)
+                    text, self._splitter.reasoning = self._splitter.reasoning, ""
+                    self._answer(text.strip("\n"))
+            self.done = event if self._splitter is None else dataclasses.replace(event, text=self.text)
 
     def __exit__(self, *exc_info: object) -> None:
+        self._end_reasoning()
         self._stop_status()
         if self._answer_live is not None:
             self._answer_live.stop()  # transient: the tail view and status line vanish
@@ -233,6 +306,61 @@ class AnswerView:
             self.out.print(Markdown(self.text))
 
     # ---- internals
+
+    def _take(self, text: str) -> None:
+        if self._splitter is None:
+            self._answer(text)
+        else:
+            self._split(self._splitter.feed(text))
+
+    def _split(self, pieces: list[tuple[bool, str]]) -> None:
+        for is_reasoning, text in pieces:
+            if is_reasoning:
+                self._reason(text)
+            else:
+                self._answer(text)
+
+    def _answer(self, text: str) -> None:
+        if not text:
+            return
+        if self._reasoning_open:
+            self._end_reasoning()
+            if not self.text:
+                text = text.lstrip("\n")  # the model's own break after </think>; we put one
+                if not text:
+                    return
+        self.text += text
+        self._show_delta(text)
+
+    def _reason(self, text: str) -> None:
+        if not text:
+            return
+        if not self._reasoning_open:
+            text = text.lstrip("\n")  # the model's own break after <think>
+            if not text:
+                return
+        self._reasoning_open = True
+        if self._status_live is not None:
+            self._refresh_status()
+        elif self.mode != "json":
+            self.err.print(text, style="dim", end="", markup=False, highlight=False)
+
+    def _end_reasoning(self) -> None:
+        """The reasoning is complete: on a terminal it moves from the transient status region
+        to stderr for good; elsewhere its last line is ended. A blank line parts it from the answer."""
+        if not self._reasoning_open:
+            return
+        self._reasoning_open = False
+        shown = self.reasoning.strip("\n")
+        if self._status_live is not None:
+            self.err.print(Text(shown, style="dim"))
+            self.err.print()
+            self._refresh_status()
+        elif self.mode != "json":
+            self.err.print("\n" if self.reasoning.endswith("\n") else "\n\n", end="", markup=False, highlight=False)
+
+    def _reasoning_renderable(self) -> _Tail:
+        return _Tail(Text(self.reasoning.strip("\n"), style="dim"), self.status.text())
 
     def _show_delta(self, delta: str) -> None:
         if self.mode == "plain":
@@ -270,7 +398,8 @@ class AnswerView:
 
     def _refresh_status(self) -> None:
         if self._status_live is not None:
-            self._status_live.update(self.status.text(), refresh=False)
+            shown = self._reasoning_renderable() if self._reasoning_open else self.status.text()
+            self._status_live.update(shown, refresh=False)
 
     def _stop_status(self) -> None:
         if self._status_live is not None:
@@ -278,12 +407,13 @@ class AnswerView:
             self._status_live = None
 
 
-def json_answer(answer: str, model: str, done: Done | None) -> str:
-    """The one JSON object `dsv4 ask --json` prints."""
+def json_answer(answer: str, model: str, done: Done | None, *, reasoning: str | None = None) -> str:
+    """The one JSON object `dsv4 ask --json` prints; `reasoning` (thinking mode) is its own field."""
     usage = done.usage if done is not None else None
     timings = done.timings if done is not None else None
     payload: dict[str, Any] = {
         "answer": answer,
+        **({"reasoning": reasoning.strip("\n")} if reasoning is not None else {}),
         "model": model,
         "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else 0,
@@ -374,6 +504,7 @@ def models_lines(rows: Sequence[dict[str, Any]]) -> str:
 
 __all__ = [
     "AnswerView",
+    "ReasoningSplitter",
     "StatusLine",
     "cache_lines",
     "human_bytes",

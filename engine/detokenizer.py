@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+# Control tokens that stay in the text even when control tokens are skipped: the reasoning
+# markers. DeepSeek-V4 (and R1, Qwen3) have `<think>`/`</think>` as special tokens; dropping
+# them would hide where the reasoning ends, and the CLI splits the stream there.
+VISIBLE_SPECIALS = frozenset({b"<think>", b"</think>"})
+
 
 class _DecodesBytes(Protocol):
     def id_to_bytes(self, token_id: int) -> bytes: ...
@@ -21,13 +26,15 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: _DecodesBytes, *, skip_special: bool = False):
         self._tokenizer = tokenizer
-        self._skip_special = skip_special  # leave control tokens (<|im_end|>, <file_sep>) out of the text
+        # leave control tokens (<|im_end|>, <file_sep>) out of the text, but not VISIBLE_SPECIALS
+        self._skip_special = skip_special
         self._pending = b""
 
     def add(self, token_id: int) -> str:
-        if self._skip_special and self._tokenizer.is_special(token_id):
+        token = self._tokenizer.id_to_bytes(token_id)
+        if self._skip_special and self._tokenizer.is_special(token_id) and token not in VISIBLE_SPECIALS:
             return ""
-        data = self._pending + self._tokenizer.id_to_bytes(token_id)
+        data = self._pending + token
         keep = _incomplete_tail_length(data)
         self._pending = data[len(data) - keep :] if keep else b""
         complete = data[: len(data) - keep]

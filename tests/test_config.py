@@ -185,3 +185,87 @@ def test_color_setting_sets_no_color_unless_the_user_chose(project, monkeypatch)
     monkeypatch.setenv("FORCE_COLOR", "1")
     config.apply_color(config.load_settings())
     assert "NO_COLOR" not in os.environ  # the user's own variable wins
+
+
+# ---------------------------------------------------------------- `exclude` in every pack
+
+
+class _Piped(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def _git(root: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
+
+
+@pytest.fixture
+def excluding_repo(tmp_path, monkeypatch, fake_model) -> Path:
+    """A real git repository with a `build/` directory and a secret, cwd at its root."""
+    root = tmp_path / "repo"
+    (root / "build").mkdir(parents=True)
+    (root / "app.py").write_text("def app():\n    return 'APP_BODY'\n")
+    (root / "build" / "gen.py").write_text("GENERATED_BODY = 1\n")
+    (root / "notes.secret").write_text("SECRET_BODY\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    monkeypatch.chdir(root)
+    for name in ("DSV4_EXCLUDE", "DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT", "DSV4_NO_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+@pytest.fixture
+def fake_model(monkeypatch, tmp_path_factory) -> FakeModel:
+    model = FakeModel(tiny_tokenizer(tmp_path_factory.mktemp("tok")), answer=["no findings"])
+    monkeypatch.setattr(ask_command, "_open_model", lambda name: (name, model))
+    return model
+
+
+def _configure_excludes(root: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "user":
+        _user('exclude = ["build/"]\n')
+        (root / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')  # the project file wins
+    elif where == "project":
+        (root / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
+    else:
+        monkeypatch.setenv("DSV4_EXCLUDE", "build/,*.secret")
+
+
+@pytest.mark.parametrize("where", ["user", "project", "env"])
+def test_configured_excludes_reach_the_pack_ask_builds(excluding_repo, fake_model, monkeypatch, where):
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    _configure_excludes(excluding_repo, where, monkeypatch)
+    assert main(["ask", "--no-log", ".", "what is here?"]) == 0
+    prompt = fake_model.calls[-1].user_text
+    assert "APP_BODY" in prompt and "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt
+    assert "build/gen.py" not in prompt  # left out, not listed
+
+
+def test_user_file_excludes_alone_reach_ask(excluding_repo, fake_model, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    _user('exclude = ["*.secret"]\n')
+    assert main(["ask", "--no-log", ".", "q"]) == 0
+    prompt = fake_model.calls[-1].user_text
+    assert "SECRET_BODY" not in prompt and "GENERATED_BODY" in prompt
+
+
+def test_configured_excludes_reach_the_pack_chat_builds(excluding_repo, fake_model, monkeypatch):
+    (excluding_repo / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
+    monkeypatch.setattr(sys, "stdin", _Piped("what is here?\n"))
+    assert main(["chat", "--no-log", "."]) == 0
+    prompt = fake_model.calls[-1].user_text
+    assert "APP_BODY" in prompt and "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt
+
+
+def test_configured_excludes_reach_the_pack_review_builds(excluding_repo, fake_model, monkeypatch):
+    (excluding_repo / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
+    (excluding_repo / "app.py").write_text("def app():\n    return 'CHANGED'\n")
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    assert main(["review"]) == 0
+    prompt = fake_model.calls[-1].user_text
+    assert "APP_BODY" in prompt or "CHANGED" in prompt
+    assert "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt

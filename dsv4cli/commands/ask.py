@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,8 @@ PACK_FORMATS = ("xml", "markdown", "plain")
 _JOIN_SLACK_TOKENS = 8
 # Small models loop without a penalty (embedded-model.md); bigger ones are hurt by one.
 _DEFAULT_REPETITION_PENALTY = {"mini": 1.1}
+# Models with a thinking mode (DeepSeek-V4: the prompt ends with <think>, spec §6).
+THINKING_MODELS = ("flash", "pro")
 
 
 class LoadedModel(Protocol):
@@ -67,6 +69,8 @@ class AskOptions:
     cache_cap: str | None = None
     log: bool = True
     backend: str | None = None  # an OpenAI-compatible /v1 URL answers instead of the embedded engine
+    think: bool = False
+    exclude: tuple[str, ...] | None = None  # extra pack exclusions; None: the configured `exclude`
 
 
 def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
@@ -126,6 +130,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             None, "--backend", envvar="DSV4_BACKEND", metavar="URL", help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1."
         ),
+        think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed on stderr, apart from the answer."),
     ) -> None:
         """Ask a model a question, about files or piped text when given.
 
@@ -149,11 +154,22 @@ def register(app: typer.Typer) -> None:
             cache_cap=cache_cap,
             log=not no_log,
             backend=backend,
+            think=think,
         )
         run_ask(list(arguments or []), options)
 
 
-def run_ask(arguments: list[str], options: AskOptions) -> None:
+def thinking_supported(name: str, model: LoadedModel) -> bool:
+    """Whether the model has a thinking mode: an alias that has one, or a checkpoint whose
+    chat format is DeepSeek-V4's (a PATH to Flash or Pro)."""
+    if name in THINKING_MODELS:
+        return True
+    from engine.deepseek_v4.chat import CHAT_TEMPLATE
+
+    return getattr(model.tokenizer, "chat_template", None) == CHAT_TEMPLATE
+
+
+def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], float] = time.monotonic) -> None:
     if options.pack_format not in PACK_FORMATS:
         raise _usage_error(f"--format must be one of {', '.join(PACK_FORMATS)}, not {options.pack_format!r}")
     if options.cache_cap is not None:
@@ -164,9 +180,12 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
         except ValueError as exc:
             raise _usage_error(f"--cache-cap: {exc}") from None
     inputs = resolve_ask_arguments(arguments)
-    started = time.monotonic()
+    started = clock()
     name, model = _open_remote(options) if remote.is_backend_url(options.backend) else _open_model(options.model)
-    load_s = time.monotonic() - started
+    load_s = clock() - started
+    thinking = options.think and thinking_supported(name, model)
+    if options.think and not thinking:
+        render.note(f"--think: {name} has no thinking mode; it answers directly")
 
     messages = _messages(model, inputs, options, name)
     params = SamplingParams(
@@ -178,15 +197,15 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
         seed=options.seed,
     )
     mode: render.AnswerMode = "json" if options.json_output else ("markdown" if stdout_is_terminal() else "plain")
-    view = render.AnswerView(mode, name)
+    view = render.AnswerView(mode, name, thinking=thinking)
     with view:
-        events = _answer_events(model, messages, params, options)
+        events = _answer_events(model, messages, params, options, thinking=thinking)
         with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
             for event in events:
                 view.handle(event)
 
     if options.json_output:
-        print(render.json_answer(view.text, name, view.done), flush=True)
+        print(render.json_answer(view.text, name, view.done, reasoning=view.reasoning if thinking else None), flush=True)
     cache_report = view.done.extra.get("cache") if view.done is not None else None
     for warning in (cache_report or {}).get("warnings", []):
         warn(warning)
@@ -197,7 +216,7 @@ def run_ask(arguments: list[str], options: AskOptions) -> None:
     if options.log:
         context = messages[-1]["content"][: -len(PACK_QUESTION_SEPARATOR + inputs.question)] if inputs.has_context else None
         log_exchange(name, inputs.question, view.text, view.done, system=options.system, context=context,
-                     elapsed_s=time.monotonic() - started - load_s)
+                     elapsed_s=clock() - started - load_s)
 
 
 def log_exchange(model: str, question: str, answer: str, done: Done | None, *, system: str | None,
@@ -229,16 +248,21 @@ def log_exchange(model: str, question: str, answer: str, done: Done | None, *, s
         return conversation_id
 
 
-def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions) -> Iterator[Event]:
+def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions,
+                   *, thinking: bool = False) -> Iterator[Event]:
     """Engine models answer through the prefix cache; a stand-in or remote model answers by itself."""
+    template_kwargs = {"thinking": True} if thinking else {}
     if getattr(model, "is_remote", False):
         return model.chat(messages, params)  # the server keeps its own prefix cache
     from engine import cached_generation  # imports torch, which loading the model already did
 
     if not cached_generation.supports(model):
-        return model.chat(messages, params)
+        if hasattr(model, "stream"):  # an engine model the cache cannot hold: it renders no template options
+            return model.stream(model.tokenizer.render_chat(messages, **template_kwargs), params)
+        return model.chat(messages, params, **template_kwargs)  # a stand-in model
     settings = cached_generation.CacheSettings(enabled=options.cache, read_only=options.cache_read_only, cap=options.cache_cap)
-    return cached_generation.chat(model, messages, params, settings=settings)
+    prompt_ids = model.tokenizer.render_chat(messages, **template_kwargs)
+    return cached_generation.stream(model, prompt_ids, params, settings=settings)
 
 
 def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
@@ -284,11 +308,12 @@ def _pack(inputs: AskInputs, options: AskOptions, tokenizer: Any, budget: int, c
     import ingest
     from ingest.budget import BudgetTooSmall
 
+    excludes = configured_excludes() if options.exclude is None else options.exclude
     try:
         with render.working("packing"):
             result = ingest.pack(
                 list(inputs.sources),
-                options=ingest.PackOptions(format=options.pack_format, budget=budget),
+                options=ingest.PackOptions(format=options.pack_format, budget=budget, select=ingest.SelectOptions(excludes=excludes)),
                 tokenizer=tokenizer,
                 cache_dir=paths.cache_dir(),
                 stdin_text=inputs.stdin_text,
@@ -316,6 +341,14 @@ def _pack(inputs: AskInputs, options: AskOptions, tokenizer: Any, budget: int, c
     if options.verbose:
         render.note(f"pack: {len(result.files)} file(s), {result.total_tokens:,} tokens")
     return result
+
+
+def configured_excludes() -> tuple[str, ...]:
+    """The `exclude` setting (user file, the project's `.dsv4.toml`, DSV4_EXCLUDE): every pack
+    that ask, chat and review build leaves these paths out, as `dsv4 pack` does."""
+    from dsv4cli.config import load_settings
+
+    return tuple(load_settings(warn=lambda message: None)["exclude"])
 
 
 def _usage_error(message: str) -> CliError:
