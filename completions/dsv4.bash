@@ -14,8 +14,8 @@ _dsv4_options() {
     case "$1" in
         '') echo '--version --help -h' ;;
         'pack') echo '--output -o --format --budget --model -m --list --summary-json --files-from --include --exclude --max-file-size --no-default-filters --recurse-submodules --no-git --help -h' ;;
-        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --no-log --backend --help -h' ;;
-        'chat') echo '--model -m --system -s --max-tokens --temperature --no-cache --cache-ro --continue -c --cid --no-log --think --help -h' ;;
+        'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --no-log --backend --think --help -h' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --no-cache --cache-ro --continue -c --cid --no-log --think --backend --help -h' ;;
         'pull') echo '--help -h' ;;
         'models') echo '--json --verify --help -h' ;;
         'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --help -h' ;;
@@ -43,7 +43,7 @@ _dsv4_value_options() {
     case "$1" in
         'pack') echo '--output -o --format --budget --model -m --summary-json --files-from --include --exclude --max-file-size' ;;
         'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend' ;;
-        'chat') echo '--model -m --system -s --max-tokens --temperature --cid' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --cid --backend' ;;
         'review') echo '--range --fail-on --timeout --model -m --max-tokens' ;;
         'serve') echo '--model -m --host --port --api-key --queue' ;;
         'cache prune') echo '--older-than --cap' ;;

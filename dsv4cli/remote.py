@@ -3,8 +3,10 @@ SGLang, the DeepSeek API or `dsv4 serve`.
 
 `RemoteModel.chat()` yields the engine's events (TextDelta..., Done with Usage, the server's
 cached-token count included), so `dsv4 ask` renders, reports and prints JSON unchanged.
-Errors become one EngineError line with a hint. A request is retried only when no byte of an
-answer arrived and the failure was a refused/reset connection or a 503 (the server did no work).
+Errors become one EngineError line with a hint (BackendTimeout when time ran out). A request
+is retried only when no byte of an answer arrived and the failure was a refused/reset
+connection or a 503 (the server did no work). A `deadline` (time.monotonic()) bounds the whole
+request, every read included, for `dsv4 review --timeout`.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ class _Retryable(Exception):
     pass
 
 
+class BackendTimeout(EngineError):
+    """The server did not answer (or finish answering) in the time allowed."""
+
+
+def _time_left(timeout_s: float, deadline: float | None) -> float:
+    """Seconds the next network step may take; BackendTimeout when the deadline has passed."""
+    if deadline is None:
+        return timeout_s
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BackendTimeout("the time budget ran out before the server answered", "raise --timeout")
+    return min(timeout_s, left)
+
+
 class RemoteModel:
     """The `LoadedModel` interface `dsv4 ask` uses, answered by a server."""
 
@@ -130,7 +146,7 @@ class RemoteModel:
 
     # ---------------------------------------------------------------- generation
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams, **_: Any) -> Iterator[Event]:
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams, *, deadline: float | None = None, **_: Any) -> Iterator[Event]:
         body: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -149,11 +165,11 @@ class RemoteModel:
             body["top_k"] = params.top_k
         if params.repetition_penalty != 1.0:
             body["repetition_penalty"] = params.repetition_penalty
-        return self._stream(body)
+        return self._stream(body, deadline)
 
-    def _stream(self, body: dict[str, Any]) -> Iterator[Event]:
+    def _stream(self, body: dict[str, Any], deadline: float | None = None) -> Iterator[Event]:
         started = time.perf_counter()
-        response, connection = self._request("POST", "/chat/completions", body)
+        response, connection = self._request("POST", "/chat/completions", body, deadline)
         first_token_at: float | None = None
         pieces: list[str] = []
         finish: str | None = None
@@ -163,7 +179,7 @@ class RemoteModel:
             if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
                 raise EngineError(f"{self.endpoint.url} did not stream its answer", "is --backend an OpenAI-compatible /v1 URL?")
             ended_properly = False
-            for data in _sse_data(response, self.endpoint):
+            for data in _sse_data(response, self.endpoint, self._read_timeouts(connection, deadline)):
                 if data == "[DONE]":
                     ended_properly = True
                     break
@@ -190,21 +206,35 @@ class RemoteModel:
 
     # ---------------------------------------------------------------- transport
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    def _read_timeouts(self, connection: http.client.HTTPConnection, deadline: float | None) -> Callable[[], None]:
+        """Before each read of the stream: a read may take what is left of the deadline."""
+        sock = getattr(connection, "_dsv4_socket", None)
+
+        def before_read() -> None:
+            if deadline is not None and sock is not None:
+                sock.settimeout(_time_left(self.timeout_s, deadline))
+
+        return before_read
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None, deadline: float | None = None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         attempts = len(self.retry_delays_s) + 1
         for attempt in range(attempts):
             try:
-                return self._request_once(method, path, body)
+                return self._request_once(method, path, body, deadline)
             except _Retryable as exc:
                 if attempt == attempts - 1:
                     raise _unreachable(self.endpoint, exc.__cause__ or exc) from None
-                self._sleep(self.retry_delays_s[attempt])
+                delay = self.retry_delays_s[attempt]
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise _unreachable(self.endpoint, exc.__cause__ or exc) from None  # no time for another try
+                self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _request_once(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    def _request_once(self, method: str, path: str, body: dict[str, Any] | None, deadline: float | None = None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         endpoint = self.endpoint
         factory = http.client.HTTPSConnection if endpoint.scheme == "https" else http.client.HTTPConnection
-        connection = factory(endpoint.host, endpoint.port, timeout=self.connect_timeout_s)
+        timeout_s = _time_left(self.timeout_s, deadline)
+        connection = factory(endpoint.host, endpoint.port, timeout=min(self.connect_timeout_s, timeout_s))
         headers = {"Accept": "text/event-stream, application/json", "User-Agent": "dsv4"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -214,7 +244,9 @@ class RemoteModel:
             headers["Content-Type"] = "application/json"
         try:
             connection.connect()
-            connection.sock.settimeout(self.timeout_s)
+            connection.sock.settimeout(timeout_s)
+            # Kept for the stream's reads: http.client drops `sock` when the response owns it.
+            connection._dsv4_socket = connection.sock  # type: ignore[attr-defined]
             connection.request(method, endpoint.base_path + path, body=payload, headers=headers)
             response = connection.getresponse()
         except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected) as exc:
@@ -223,7 +255,9 @@ class RemoteModel:
             raise _Retryable() from exc
         except (socket.timeout, TimeoutError) as exc:
             connection.close()
-            raise EngineError(f"{endpoint.url} did not answer within {self.timeout_s:g} s", "the server may be overloaded; try again later") from exc
+            if deadline is not None and timeout_s < self.timeout_s:
+                raise BackendTimeout(f"{endpoint.url} did not answer within the time budget", "raise --timeout") from exc
+            raise BackendTimeout(f"{endpoint.url} did not answer within {self.timeout_s:g} s", "the server may be overloaded; try again later") from exc
         except OSError as exc:
             connection.close()
             raise _unreachable(endpoint, exc) from None
@@ -262,11 +296,15 @@ def _done(pieces: list[str], finish: str | None, usage: dict[str, Any] | None, c
     )
 
 
-def _sse_data(response: http.client.HTTPResponse, endpoint: Endpoint) -> Iterator[str]:
+def _sse_data(response: http.client.HTTPResponse, endpoint: Endpoint, before_read: Callable[[], None] = lambda: None) -> Iterator[str]:
     """The `data:` payloads of a server-sent event stream, one per event."""
     lines: list[str] = []
     try:
-        for raw in response:
+        while True:
+            before_read()
+            raw = response.readline()
+            if not raw:
+                break
             line = raw.decode("utf-8").rstrip("\r\n")
             if not line:
                 if lines:
@@ -276,7 +314,7 @@ def _sse_data(response: http.client.HTTPResponse, endpoint: Endpoint) -> Iterato
                 lines.append(line[5:].lstrip(" "))
             # comments (":" keep-alives), event: and id: lines carry nothing we use
     except (socket.timeout, TimeoutError) as exc:
-        raise EngineError(f"{endpoint.url} stopped sending mid-answer", "the server may be overloaded; try again later") from exc
+        raise BackendTimeout(f"{endpoint.url} stopped sending mid-answer", "the server may be overloaded; try again later") from exc
     except (ConnectionError, http.client.IncompleteRead, UnicodeDecodeError) as exc:
         raise EngineError(f"{endpoint.url} broke the answer off ({exc.__class__.__name__})", "check the server's log") from exc
     if lines:
@@ -339,12 +377,16 @@ def _unreachable(endpoint: Endpoint, exc: BaseException) -> EngineError:
     return EngineError(f"cannot reach {endpoint.url} ({reason})", "is the server running? check --backend / DSV4_BACKEND")
 
 
-def open_remote(url: str, requested_model: str, *, configured_key: str | None = None, note: Callable[[str], None] | None = None) -> RemoteModel:
+def open_remote(url: str, requested_model: str, *, configured_key: str | None = None, note: Callable[[str], None] | None = None,
+                exact: bool = False) -> RemoteModel:
     """Connect to the backend and pick the model: the one asked for when the server has it,
-    else the server's first (a default `mini` means nothing to a remote server)."""
+    else the server's first (a default `mini` means nothing to a remote server); with
+    `exact` (chat's /model NAME) a model the server does not list is an error."""
     client = RemoteModel(url, requested_model, api_key=api_key_from_environment(configured_key))
     entries = client.served_models()
     ids = [entry["id"] for entry in entries]
+    if exact and requested_model not in ids:
+        raise EngineError(f"{client.endpoint.url} has no model {requested_model!r}", f"it serves: {', '.join(ids) or 'nothing'}")
     chosen = next((entry for entry in entries if entry["id"] == requested_model), entries[0] if entries else None)
     if chosen is None:
         raise EngineError(f"{client.endpoint.url} serves no models", "check the server")

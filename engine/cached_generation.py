@@ -11,8 +11,11 @@ state that the prompt did not produce. The report lands in `Done.extra["cache"]`
 `Done.usage.cached_tokens` counts the tokens restored from disk and `Done.timings.ttft_s`
 runs from this call to the first token (lookup, load and prefill included).
 
-`dsv4 chat` calls `chat()` once per turn with the whole conversation: each turn restores
-what earlier turns published and publishes its own prompt.
+`dsv4 chat` calls `stream()` once per turn with the whole conversation and a `LiveState`:
+the model state stays in memory after a turn (with the ids it holds: prompt and answer), and
+the next turn rewinds it to where the new prompt stops agreeing with it (normally nowhere)
+and prefills only the new tokens; the disk cache is read only when nothing is kept, and each
+turn publishes the chunks it added. `Done.usage.cached_tokens` then counts the kept tokens.
 
 What `loaded` must offer (engine.runtime.LoadedModel does; a DeepSeek-V4 wrapper will too):
 `model` (an engine.llama.Llama or engine.deepseek_v4.model.Transformer: new_state() and
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from engine import generate
 from engine.events import Done, Event, PrefillProgress, SamplingParams
 from engine.prefix_cache import Fingerprint, PrefixCache, SegmentError, chain_hashes, file_digest, resolve_cap
 from engine.prefix_state import StateAdapter, adapter_for
@@ -65,6 +69,8 @@ class CacheReport:
     bytes_written: int = 0
     write_s: float = 0.0
     miss_reason: str | None = None  # why fewer tokens than possible were reused (None: all)
+    live_tokens: int = 0  # of reused_tokens, those kept in memory from the previous turn
+    live_miss: str | None = None  # why a kept state could not be extended (None: none kept, or it was)
     removed: list[str] = field(default_factory=list)  # damaged files dropped, one line each
     warnings: list[str] = field(default_factory=list)
     fingerprint: str | None = None
@@ -115,6 +121,24 @@ def chat(loaded: Any, messages: Sequence[dict[str, Any]], params: SamplingParams
     return stream(loaded, loaded.tokenizer.render_chat(list(messages)), params, **kwargs)
 
 
+@dataclass
+class LiveState:
+    """A conversation's model state kept between turns: `token_ids` are exactly the tokens
+    `state` holds; `published` of them (a chunk boundary) are on disk as cache segments."""
+
+    loaded: Any = None
+    state: Any = None
+    token_ids: list[int] = field(default_factory=list)
+    published: int = 0
+
+    def clear(self) -> None:
+        self.loaded, self.state, self.token_ids, self.published = None, None, [], 0
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
 def stream(
     loaded: Any,
     prompt_ids: list[int],
@@ -123,68 +147,125 @@ def stream(
     settings: CacheSettings = CacheSettings(),
     prefill_chunk: int = 512,
     cancel: Callable[[], bool] | None = None,
+    live: LiveState | None = None,
 ) -> Iterator[Event]:
     started = time.perf_counter()
     prompt_ids = list(prompt_ids)
     n_prompt = len(prompt_ids)
     report = CacheReport(settings.enabled, settings.read_only, n_prompt)
-    if not settings.enabled:
+    if n_prompt >= loaded.context_length or n_prompt == 0:
+        # The shared loop raises the proper error; nothing to cache or keep.
+        if live is not None:
+            live.clear()
+        yield from loaded.stream(prompt_ids, params, prefill_chunk=prefill_chunk, cancel=cancel)
+        return
+    if not settings.enabled and live is None:
         report.miss_reason = "the cache is off (--no-cache)"
         report.prefilled_tokens = n_prompt
         yield from _finish(loaded.stream(prompt_ids, params, prefill_chunk=prefill_chunk, cancel=cancel), report, started, time.perf_counter(), 0.0)
         return
-    if n_prompt >= loaded.context_length or n_prompt == 0:
-        # The shared loop raises the proper error; nothing to cache.
-        yield from loaded.stream(prompt_ids, params, prefill_chunk=prefill_chunk, cancel=cancel)
-        return
 
     adapter = adapter_for(loaded.model, settings.chunk_tokens)
     chunk = adapter.chunk_tokens
-    state = loaded.model.new_state()
+    n_chunks = (n_prompt - 1) // chunk  # the last prompt token is always recomputed
+    state, published = _take_live(live, loaded, prompt_ids, adapter, report)
     cache: PrefixCache | None = None
     hashes: list[str] = []
-    n_chunks = (n_prompt - 1) // chunk  # the last prompt token is always recomputed
-    try:
-        fingerprint = fingerprint_for(loaded, adapter)
-        report.fingerprint = fingerprint.short
-        cache = PrefixCache(fingerprint, root=settings.root, cap_bytes=resolve_cap(settings.cap, settings.root), read_only=settings.read_only)
-        hashes = chain_hashes(fingerprint, prompt_ids, n_chunks)
-    except (OSError, ValueError) as exc:
-        report.warnings.append(f"prefix cache unavailable ({_one_line(exc)}); answering uncached")
-        report.miss_reason = "the cache is unavailable"
-    if cache is not None:
-        if n_chunks == 0:
-            report.miss_reason = f"the prompt is shorter than one cache chunk ({chunk} tokens)"
-        else:
-            _restore(cache, adapter, state, prompt_ids, hashes, report)
+    if not settings.enabled:
+        report.miss_reason = None if report.live_tokens else "the cache is off (--no-cache)"
+    else:
+        try:
+            fingerprint = fingerprint_for(loaded, adapter)
+            report.fingerprint = fingerprint.short
+            cache = PrefixCache(fingerprint, root=settings.root, cap_bytes=resolve_cap(settings.cap, settings.root), read_only=settings.read_only)
+            hashes = chain_hashes(fingerprint, prompt_ids, n_chunks)
+        except (OSError, ValueError) as exc:
+            report.warnings.append(f"prefix cache unavailable ({_one_line(exc)}); answering uncached")
+            report.miss_reason = "the cache is unavailable"
+    if state is None:
+        state = loaded.model.new_state()
+        if cache is not None:
+            if n_chunks == 0:
+                report.miss_reason = f"the prompt is shorter than one cache chunk ({chunk} tokens)"
+            else:
+                _restore(cache, adapter, state, prompt_ids, hashes, report)
+        published = state.length
     restored = state.length
     report.reused_tokens = restored
-    yield PrefillProgress(done=restored, total=n_prompt)
+    generated: list[int] = []
+    on_disk = published
+    try:
+        yield PrefillProgress(done=restored, total=n_prompt)
 
-    # ---- prefill up to the last chunk boundary, publishing segments on the way
-    writable = cache is not None and not settings.read_only and n_chunks > 0
-    target = n_chunks * chunk
-    per_token = max(1.0, adapter.bytes_per_token())
-    segment_tokens = max(chunk, int(settings.segment_bytes / per_token) // chunk * chunk)
-    step = max(chunk, min(prefill_chunk, segment_tokens) // chunk * chunk)
-    ends = segment_ends(restored, target, chunk, segment_tokens, adapter.partial_ok)
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
-    prefill_started = time.perf_counter()
-    position = segment_start = restored
-    while position < target:
-        if cancel is not None and cancel():
-            break  # the shared loop sees the same cancel and reports it
-        high = min(position + step, next(end for end in ends if end > position))
-        loaded.model(ids[:, position:high], state, output="none")
-        position = high
-        if writable and position in ends:
-            writable = _publish(cache, adapter, state, segment_start, position, prompt_ids, hashes, report)
-            segment_start = position
-        yield PrefillProgress(done=position, total=n_prompt)
-    own_prefill_s = time.perf_counter() - prefill_started
-    report.prefilled_tokens = n_prompt - restored
-    tail = loaded.stream(prompt_ids, params, state=state, cached_tokens=state.length, prefill_chunk=prefill_chunk, cancel=cancel)
-    yield from _finish(tail, report, started, time.perf_counter(), own_prefill_s)
+        # ---- prefill up to the last chunk boundary, publishing segments on the way
+        writable = cache is not None and not settings.read_only and n_chunks > 0
+        target = max(restored, n_chunks * chunk) if cache is not None else restored
+        per_token = max(1.0, adapter.bytes_per_token())
+        segment_tokens = max(chunk, int(settings.segment_bytes / per_token) // chunk * chunk)
+        step = max(chunk, min(prefill_chunk, segment_tokens) // chunk * chunk)
+        ends = segment_ends(published, n_chunks * chunk, chunk, segment_tokens, adapter.partial_ok)
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        prefill_started = time.perf_counter()
+        position, segment_start = restored, published
+        while True:
+            # Segment ends the state has reached: a kept state may already hold some.
+            while writable and ends and ends[0] <= position:
+                end = ends.pop(0)
+                if adapter.partial_ok or end == state.length:  # DeepSeek-V4 exports only at its end
+                    writable = _publish(cache, adapter, state, segment_start, end, prompt_ids, hashes, report)
+                    segment_start = end
+                    on_disk = end if writable else on_disk
+            if position >= target:
+                break
+            if cancel is not None and cancel():
+                break  # the shared loop sees the same cancel and reports it
+            high = min(position + step, next((end for end in ends if end > position), target), target)
+            loaded.model(ids[:, position:high], state, output="none")
+            position = high
+            yield PrefillProgress(done=position, total=n_prompt)
+        own_prefill_s = time.perf_counter() - prefill_started
+        report.prefilled_tokens = n_prompt - restored
+        tail = generate.stream(loaded.model, loaded.tokenizer, prompt_ids, params, state=state, cached_tokens=state.length,
+                               prefill_chunk=prefill_chunk, cancel=cancel, model_name=getattr(loaded, "name", "the model"),
+                               generated_ids=generated)
+        yield from _finish(tail, report, started, time.perf_counter(), own_prefill_s)
+    finally:
+        # Kept even after a cancel or an interrupt: the state is valid for its length.
+        if live is not None:
+            live.loaded, live.state = loaded, state
+            live.token_ids = (prompt_ids + generated)[: state.length]
+            live.published = min(on_disk, state.length)
+
+
+def _take_live(live: LiveState | None, loaded: Any, prompt_ids: list[int], adapter: StateAdapter, report: CacheReport) -> tuple[Any, int]:
+    """The kept state rewound to where it stops agreeing with the prompt, and how much of it
+    is on disk; (None, 0) when nothing usable is kept (the reason lands in the report)."""
+    if live is None or live.state is None:
+        return None, 0
+    state = live.state
+    if live.loaded is not loaded or state.length != live.length:
+        live.clear()
+        report.live_miss = "the model changed since the last turn"
+        return None, 0
+    common = 0
+    for own, want in zip(live.token_ids, prompt_ids[:-1]):  # the last prompt token is recomputed
+        if own != want:
+            break
+        common += 1
+    if common == 0:
+        live.clear()
+        report.live_miss = "the prompt does not continue the conversation kept in memory"
+        return None, 0
+    if common < state.length:
+        if not adapter.partial_ok:
+            live.clear()
+            report.live_miss = (f"the prompt leaves the kept conversation at token {common:,} and this model's "
+                                "state cannot be rewound; the disk cache is used instead")
+            return None, 0
+        state.trim(state.length - common)
+    report.live_tokens = common
+    chunk = adapter.chunk_tokens
+    return state, min(live.published, common // chunk * chunk)
 
 
 def segment_ends(start: int, target: int, chunk: int, segment_tokens: int, partial_ok: bool) -> list[int]:

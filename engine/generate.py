@@ -67,7 +67,11 @@ def stream(
     prefill_chunk: int = 512,
     cancel: Callable[[], bool] | None = None,
     model_name: str = "the model",
+    generated_ids: list[int] | None = None,
 ) -> Iterator[Event]:
+    """`generated_ids`, when given, receives each generated token id (end-of-turn ids
+    excluded): with the prompt it names what `state` holds afterwards, so a caller can
+    keep the state and extend it (`dsv4 chat`'s next turn)."""
     started = time.perf_counter()
     n_prompt = len(prompt_ids)
     context = model.args.context_length
@@ -142,6 +146,8 @@ def stream(
             break
         n_generated += 1
         history.append(token)
+        if generated_ids is not None:
+            generated_ids.append(token)
         safe, hit = stops.feed(detok.add(token))
         if safe:
             yield TextDelta(safe, n_generated)

@@ -398,12 +398,14 @@ def test_second_turn_reuses_the_cached_prefix_with_a_tiny_real_gguf(tmp_path, re
         capture_output=True, text=True, env=environment, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    stats = re.findall(r"last turn: prompt ([\d,]+) tokens \(([\d,]+) cached\)", result.stderr)
+    stats = re.findall(r"last turn: prompt ([\d,]+) tokens \(([\d,]+) cached(?:, ([\d,]+) kept in memory)?\)", result.stderr)
     assert len(stats) == 2, result.stderr
-    (first_prompt, first_cached), (second_prompt, second_cached) = [(int(p.replace(",", "")), int(c.replace(",", ""))) for p, c in stats]
-    assert first_prompt > 512 and first_cached == 0
+    (first_prompt, first_cached, first_kept), (second_prompt, second_cached, second_kept) = [
+        (int(p.replace(",", "")), int(c.replace(",", "")), int((k or "0").replace(",", ""))) for p, c, k in stats]
+    assert first_prompt > 512 and first_cached == first_kept == 0
     assert second_prompt > first_prompt
-    assert 256 <= second_cached < second_prompt  # the first turn's prompt came back from the cache
+    # The first turn's prompt and answer stayed in memory: only the new turn was prefilled.
+    assert first_prompt <= second_kept == second_cached < second_prompt
     with LogStore() as store:
         [summary] = store.list_conversations()
         assert (summary.command, summary.exchanges) == ("chat", 2)

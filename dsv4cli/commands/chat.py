@@ -5,6 +5,10 @@ the previous prompt, the previous answer and the new question, so each turn's pr
 with the one before it and the prefix cache serves everything but the newest turn. The pack
 is fitted to a share of the context (the rest is left for the conversation). Conversations
 go to the log as they happen; `--continue`/`--cid` rebuild the very same prompt from it.
+
+With the embedded engine the model state stays in memory between turns and each turn
+prefills only its new tokens (engine.cached_generation.LiveState); with `--backend URL` the
+whole conversation is sent each turn and the server's prefix cache does the same.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import typer
 
+from dsv4cli import backend as backends
 from dsv4cli import render
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.console import err, stdout_is_terminal, warn
@@ -58,9 +63,10 @@ class TurnStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = "cancelled"
+    kept_tokens: int = 0  # of cached_tokens, those kept in memory from the previous turn
 
     def add(self, other: TurnStats) -> None:
-        for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "ttft_s", "prefill_s", "decode_s"):
+        for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "ttft_s", "prefill_s", "decode_s", "kept_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -75,6 +81,7 @@ class ChatOptions:
     resume: str | None = None  # "latest" or a conversation id (prefix)
     log: bool = True
     think: bool = False
+    backend: str | None = None  # an OpenAI-compatible /v1 URL answers instead of the embedded engine
 
 
 @dataclass
@@ -175,6 +182,10 @@ def register(app: typer.Typer) -> None:
         cid: str = typer.Option(None, "--cid", metavar="ID", help="Resume this conversation (an id from 'dsv4 logs', or a unique prefix)."),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this conversation out of the log."),
         think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed, apart from the answer."),
+        backend: str = typer.Option(
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL",
+            help="OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1.",
+        ),
     ) -> int:
         """Talk with a model about files: the SOURCEs are packed once, each turn reuses the cached prefix.
 
@@ -192,6 +203,7 @@ def register(app: typer.Typer) -> None:
             resume="latest" if resume_latest else cid,
             log=not no_log,
             think=think,
+            backend=backend,
         )
         return run_chat(list(sources or []), options)
 
@@ -208,7 +220,7 @@ def run_chat(sources: list[str], options: ChatOptions) -> int:
     if resumed is not None and sources:
         raise CliError("a resumed conversation keeps its own sources", "give no SOURCE with --continue or --cid", exit_code=EXIT_USAGE)
     model_name = options.model or (resumed[1] if resumed else None) or ask_command.DEFAULT_MODEL
-    chat = _Chat(options, *ask_command._open_model(model_name))
+    chat = _Chat(options, backends.open_backend(model_name, backends.backend_url(options.backend)))
     if resumed is not None:
         chat.session = resumed[0]
         if options.system is not None:
@@ -238,15 +250,24 @@ def _resumed_session(which: str) -> tuple[ChatSession, str] | None:
 
 
 class _Chat:
-    def __init__(self, options: ChatOptions, name: str, model: ask_command.LoadedModel):
+    def __init__(self, options: ChatOptions, backend: backends.Backend):
         self.options = options
-        self.name, self.model = name, model
+        self.backend = backend
+        self.live: Any = None  # engine.cached_generation.LiveState, made at the first local turn
         self.session = ChatSession(None, None)
         self.last: TurnStats | None = None
         self.total = TurnStats()
         self.turns_answered = 0
         self.failed = False
         self._warn_about_think()
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def model(self) -> Any:
+        return self.backend.model
 
     # ---- setup
 
@@ -277,7 +298,8 @@ class _Chat:
 
         interactive = not isinstance(source, PipedMessages)
         if interactive:
-            render.note(f"chatting with {self.name}; /help for commands, Ctrl-D to leave")
+            where = f" at {self.backend.url}" if self.backend.is_remote else ""
+            render.note(f"chatting with {self.name}{where}; /help for commands, Ctrl-D to leave")
         while True:
             try:
                 message = source.read()
@@ -381,8 +403,11 @@ class _Chat:
         self.last = stats
         self.total.add(stats)
         self.turns_answered += 1
-        for warning in ((done.extra.get("cache") if done is not None else None) or {}).get("warnings", []):
+        cache_report = (done.extra.get("cache") if done is not None else None) or {}
+        for warning in cache_report.get("warnings", []):
             warn(warning)
+        if cache_report.get("live_miss"):
+            render.note(f"the conversation kept in memory was not reused: {cache_report['live_miss']}")
         if done is not None and done.finish_reason == "length":
             render.note(f"the answer stopped at --max-tokens {self.options.max_tokens}")
         session.turns.append(Turn(question, view.text))
@@ -390,18 +415,16 @@ class _Chat:
 
     def _events(self, messages: list[dict[str, str]], prompt_ids: list[int], params: SamplingParams,
                 template_kwargs: dict[str, Any], cancel: Callable[[], bool]) -> Iterator[Event]:
-        from engine import cached_generation
+        if self.live is None and not self.backend.is_remote:
+            from engine.cached_generation import LiveState
 
-        if not cached_generation.supports(self.model):
-            if hasattr(self.model, "stream"):
-                return self.model.stream(prompt_ids, params, cancel=cancel)
-            return self.model.chat(messages, params, **template_kwargs)  # a stand-in model
-        settings = cached_generation.CacheSettings(enabled=self.options.cache, read_only=self.options.cache_read_only)
-        return cached_generation.stream(self.model, prompt_ids, params, settings=settings, cancel=cancel)
+            self.live = LiveState()
+        cache = backends.CacheOptions(enabled=self.options.cache, read_only=self.options.cache_read_only)
+        return self.backend.events(messages, params, prompt_ids=prompt_ids, template_kwargs=template_kwargs,
+                                   cache=cache, cancel=cancel, live=self.live)
 
     def _cancellable(self) -> bool:
-        """Engine models stop at a cancel flag; anything else is stopped by KeyboardInterrupt."""
-        return hasattr(self.model, "stream")
+        return self.backend.cancellable
 
     def _show(self, view: render.AnswerView, reasoning: bool, text: str, tokens: int) -> None:
         if reasoning:
@@ -454,7 +477,9 @@ class _Chat:
         _say(f"loaded {len(session.turns)} turn(s) from {path}")
 
     def switch_model(self, name: str) -> None:
-        self.name, self.model = ask_command._open_model(name)
+        self.backend = self.backend.switch(name)
+        if self.live is not None:
+            self.live.clear()  # another model's state means nothing to this one
         self._warn_about_think()
         _say(f"now chatting with {self.name}")
 
@@ -462,6 +487,8 @@ class _Chat:
         if self.last is None:
             _say("no turns yet")
             return
+        if self.backend.is_remote:
+            _say(f"{self.name} at {self.backend.url} (token counts are the server's; cached = its prefix cache)")
         _say("last turn: " + _stats_line(self.last))
         _say(f"session ({self.turns_answered} turn(s)): " + _stats_line(self.total))
 
@@ -494,12 +521,14 @@ def _stats(done: Done | None) -> TurnStats:
     if done is None:
         return TurnStats()
     usage, timings = done.usage, done.timings
+    kept = int(((done.extra.get("cache") or {}).get("live_tokens")) or 0)
     return TurnStats(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, timings.ttft_s,
-                     timings.prefill_s, timings.decode_s, done.finish_reason)
+                     timings.prefill_s, timings.decode_s, done.finish_reason, kept)
 
 
 def _stats_line(stats: TurnStats) -> str:
-    return (f"prompt {stats.prompt_tokens:,} tokens ({stats.cached_tokens:,} cached) · completion {stats.completion_tokens:,}"
+    kept = f", {stats.kept_tokens:,} kept in memory" if stats.kept_tokens else ""
+    return (f"prompt {stats.prompt_tokens:,} tokens ({stats.cached_tokens:,} cached{kept}) · completion {stats.completion_tokens:,}"
             f" · first token {stats.ttft_s:.2f} s · prefill {stats.prefill_s:.2f} s · decode {stats.decode_s:.2f} s")
 
 

@@ -1,0 +1,113 @@
+"""Where `dsv4 chat` and `dsv4 review` (and `dsv4 ask`'s pattern) get their answers: the
+embedded engine or an OpenAI-compatible server (`--backend URL`), behind one object.
+
+`Backend.events(...)` yields the engine's events either way: an engine model answers through
+the persistent prefix cache (and a chat's state kept in memory), a server through
+dsv4cli/remote.py with its own prefix cache, a test double by itself. The commands hold one
+Backend and never ask which kind it is, except to say where the answers come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dsv4cli import remote, render
+from engine.events import Event, SamplingParams
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    enabled: bool = True
+    read_only: bool = False
+    cap: str | None = None
+
+
+def backend_url(option: str | None) -> str | None:
+    """The server to use: --backend (or DSV4_BACKEND), else `backend` in the config file when
+    it is a URL (its other values, auto/cpu/cuda, choose the local device)."""
+    if option:
+        return option if remote.is_backend_url(option) else None
+    from dsv4cli.config import load_settings
+
+    configured = load_settings(warn=lambda message: None)["backend"]
+    return configured if remote.is_backend_url(configured) else None
+
+
+@dataclass
+class Backend:
+    name: str
+    model: Any          # engine.runtime.LoadedModel, remote.RemoteModel, or a test double
+    url: str | None = None  # the server, for a remote model
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def cancellable(self) -> bool:
+        """Engine models stop at a cancel flag; anything else is stopped by KeyboardInterrupt."""
+        return hasattr(self.model, "stream") and not self.is_remote
+
+    def events(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        *,
+        prompt_ids: list[int] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        cache: CacheOptions = CacheOptions(),
+        cancel: Callable[[], bool] | None = None,
+        live: Any = None,
+        deadline: float | None = None,
+    ) -> Iterator[Event]:
+        """One answer. `live` (a cached_generation.LiveState) keeps an engine model's state
+        from turn to turn; `deadline` (time.monotonic()) bounds a server's whole request."""
+        template_kwargs = template_kwargs or {}
+        if self.is_remote:
+            return self.model.chat(messages, params, deadline=deadline)  # the server keeps its own prefix cache
+        from engine import cached_generation  # imports torch, which loading the model already did
+
+        if not cached_generation.supports(self.model):
+            if hasattr(self.model, "stream"):
+                ids = prompt_ids if prompt_ids is not None else self.tokenizer.render_chat(messages, **template_kwargs)
+                return self.model.stream(ids, params, cancel=cancel)
+            return self.model.chat(messages, params, cancel=cancel, **template_kwargs)  # a stand-in model
+        ids = prompt_ids if prompt_ids is not None else self.tokenizer.render_chat(messages, **template_kwargs)
+        settings = cached_generation.CacheSettings(enabled=cache.enabled, read_only=cache.read_only, cap=cache.cap)
+        return cached_generation.stream(self.model, ids, params, settings=settings, cancel=cancel, live=live)
+
+    def switch(self, name: str) -> Backend:
+        """The backend for another model: another served model on the same server (one it
+        lists), or another local model."""
+        if self.is_remote:
+            return _open_remote(str(self.url), name, exact=True)
+        return open_local(name)
+
+
+def open_backend(model: str, url: str | None) -> Backend:
+    return _open_remote(url, model) if url else open_local(model)
+
+
+def open_local(model: str) -> Backend:
+    from dsv4cli.commands import ask as ask_command  # its `_open_model` is the seam tests replace
+
+    return Backend(*ask_command._open_model(model))
+
+
+def _open_remote(url: str, model: str, *, exact: bool = False) -> Backend:
+    from dsv4cli.config import load_settings
+
+    configured_key = load_settings(warn=lambda message: None)["api_key"]
+    with render.working(f"connecting to {url}"):
+        client = remote.open_remote(url, model, configured_key=configured_key, note=render.note, exact=exact)
+    return Backend(client.name, client, url)
