@@ -22,6 +22,19 @@ def _summary_json(summary: logs.ConversationSummary) -> dict:
     return dataclasses.asdict(summary)
 
 
+def conversation_list(summaries: list[logs.ConversationSummary]) -> str:
+    """The `dsv4 logs` table: aligned columns, the question last and unpadded."""
+    rows = [(s.id, _local_time(s.created_at), s.model, f"{s.prompt_tokens + s.completion_tokens:,}", s.title)
+            for s in summaries]
+    header = ("ID", "TIME", "MODEL", "TOKENS", "QUESTION")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [row[i].rjust(widths[i]) if i == 3 else row[i].ljust(widths[i]) for i in range(4)]
+        lines.append("  ".join(cells + [row[4]]).rstrip() + "\n")
+    return "".join(lines)
+
+
 def register(app: typer.Typer) -> None:
     logs_app = typer.Typer(
         help="List the logged conversations; 'dsv4 logs show ID' prints one.",
@@ -48,14 +61,7 @@ def register(app: typer.Typer) -> None:
 
             render.note("no conversations logged yet")
             return
-        rows = [(s.id, _local_time(s.created_at), s.model, f"{s.prompt_tokens + s.completion_tokens:,}", s.title)
-                for s in summaries]
-        header = ("ID", "TIME", "MODEL", "TOKENS", "QUESTION")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-        for row in [header, *rows]:
-            cells = [row[i].rjust(widths[i]) if i == 3 else row[i].ljust(widths[i]) for i in range(4)]
-            print("  ".join(cells + [row[4]]).rstrip(), flush=False)
-        print("", end="", flush=True)
+        print(conversation_list(summaries), end="", flush=True)
 
     @logs_app.command("show")
     def show(
