@@ -164,14 +164,19 @@ def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], me
     special_tokens: dict[str, int] = {}
     non_rank_ids: list[int] = []
     seen: dict[bytes, int] = {}
+    translation = _unicode_to_latin1_translation()
+    # token_text_to_bytes inlined: this loop runs once per token of a cold pack's first count
     for token_id, (text, kind) in enumerate(zip(tokens, token_types)):
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+        if kind == TOKEN_CONTROL or kind == TOKEN_USER_DEFINED:
             special_tokens[text] = token_id
             non_rank_ids.append(token_id)
             id_bytes.append(text.encode("utf-8"))
             continue
-        raw = token_text_to_bytes(text)
-        if kind in (TOKEN_UNKNOWN, TOKEN_UNUSED) or raw is None or raw in seen:
+        try:
+            raw: bytes | None = text.translate(translation).encode("latin-1")
+        except UnicodeEncodeError:
+            raw = None
+        if kind == TOKEN_UNKNOWN or kind == TOKEN_UNUSED or raw is None or raw in seen:
             # Not reachable by byte-level BPE; decodes as its text so generation never fails on it.
             non_rank_ids.append(token_id)
             id_bytes.append(raw if raw is not None else text.encode("utf-8"))
