@@ -8,6 +8,11 @@ The engine is not thread-safe, so one generation runs at a time: requests wait f
 engine lock, and at most `queue_limit` may wait; more get 503 at once. A client that goes
 away mid-stream is noticed on the next write and its generation is cancelled. Nothing here
 knows the engine: `ServedModel` is the seam (dsv4cli/commands/serve.py adapts engine models).
+
+Honoured: max_tokens / max_completion_tokens, stop (up to 4 strings), temperature, top_p,
+top_k, seed, repetition_penalty, stream and stream_options.include_usage. Refused with a 400
+naming the field: n or best_of above 1, logprobs / top_logprobs (the engine streams text, not
+its logits), echo, suffix, tools / functions, response_format other than text.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20   # a 1M-token prompt is ~4 MB of text; leave 
 DEFAULT_QUEUE_LIMIT = 8
 DEFAULT_MAX_TOKENS = 512
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+MAX_STOP_STRINGS = 4  # OpenAI's limit; each one is searched for after every token
 
 
 class ServedModel(Protocol):
@@ -154,6 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
         requested = request.get("model")
         if requested is not None and requested != model.model_id:
             raise ApiError(404, f"the model {requested!r} does not exist; this server has {model.model_id!r}", param="model", code="model_not_found")
+        _refuse_unsupported(request, chat)
         prompt_ids = model.chat_prompt(_messages(request)) if chat else model.text_prompt(_prompt(request))
         params = self._params(request, len(prompt_ids))
         if not self.server.slots.acquire(blocking=False):
@@ -209,9 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _params(self, request: dict[str, Any], prompt_tokens: int) -> SamplingParams:
         context = self.server.model.context_length
         room = context - prompt_tokens
-        asked = request.get("max_completion_tokens", request.get("max_tokens"))
+        # max_completion_tokens is the newer name (chat); when both are sent it wins.
+        name = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
+        asked = request.get(name)
         if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
-            raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
+            raise ApiError(400, f"{name} must be a positive integer", param=name)
         if room < 1 or (asked is not None and asked > room):
             raise ApiError(
                 400,
@@ -224,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
             stop = (stop,)
         if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
             raise ApiError(400, "stop must be a string or a list of strings", param="stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, not {len(stop)}", param="stop")
         try:
             return SamplingParams(
                 max_tokens=asked if asked is not None else min(self.server.default_max_tokens, room),
@@ -244,8 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         events = self.server.model.generate(prompt_ids, params, cancelled.is_set)
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if request.get("stream"):
-            options = request.get("stream_options") or {}
-            include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+            include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
             self._stream(events, cancelled, chat, answer_id, include_usage)
             return
         done = None
@@ -353,6 +363,48 @@ def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
             raise ApiError(400, "message content must be a string or text parts", param="messages")
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def _refuse_unsupported(request: dict[str, Any], chat: bool) -> None:
+    """Fields this server cannot honour get a 400 that names them, rather than an answer
+    that silently ignores them (a client asking for two choices or for token probabilities
+    would otherwise read a wrong answer as a right one)."""
+    for key in ("n", "best_of"):
+        value = request.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(400, f"{key} must be a positive integer", param=key)
+        if value > 1:
+            raise ApiError(400, f"{key}={value} is not supported: this server generates one choice per request "
+                           "(send the request again for another sample)", param=key, code="unsupported_parameter")
+    # Token probabilities: the engine streams text and does not hand out its logits.
+    logprobs = request.get("logprobs")
+    wants_logprobs = logprobs is True if chat else (logprobs is not None and logprobs is not False)
+    if wants_logprobs:
+        raise ApiError(400, "logprobs are not supported by this server: the engine does not report token probabilities",
+                       param="logprobs", code="unsupported_parameter")
+    if request.get("top_logprobs") not in (None, 0):
+        raise ApiError(400, "top_logprobs is not supported by this server: the engine does not report token probabilities",
+                       param="top_logprobs", code="unsupported_parameter")
+    if not chat and request.get("echo"):
+        raise ApiError(400, "echo is not supported by this server", param="echo", code="unsupported_parameter")
+    if not chat and request.get("suffix"):
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix", code="unsupported_parameter")
+    for key in ("tools", "functions"):
+        if request.get(key):
+            raise ApiError(400, f"{key} are not supported by this server: its prompt formats have no tool definitions",
+                           param=key, code="unsupported_parameter")
+    response_format = request.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported by this server",
+                       param="response_format", code="unsupported_parameter")
+    options = request.get("stream_options")
+    if options is not None:
+        if not request.get("stream"):
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}", param="stream_options")
 
 
 def _prompt(request: dict[str, Any]) -> str:

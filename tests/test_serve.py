@@ -327,3 +327,82 @@ def test_dsv4_serve_command_listens_and_warns_off_loopback(tmp_path):
         process.stderr.close()
         process.stdout.close()
     assert process.returncode is not None
+
+
+# ---------------------------------------------------------------- request fields (issue #7)
+
+
+def _bad_request(call: Callable[[], object]) -> dict:
+    with pytest.raises(openai.BadRequestError) as failure:
+        call()
+    assert failure.value.status_code == 400
+    body = failure.value.body
+    return body.get("error", body) if isinstance(body, dict) else {}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_unsupported_or_invalid_chat_fields_are_a_400_naming_the_field(server, extra, param):
+    error = _bad_request(lambda: client_for(server).chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2, **extra))
+    assert error["param"] == param and param.split("_")[0] in error["message"]
+    assert server.stats.requests == 0  # refused before the engine was asked
+
+
+def test_unsupported_completion_fields_are_a_400(server):
+    client = client_for(server)
+    for extra, param in (({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
+                         ({"n": 3}, "n"), ({"suffix": "end"}, "suffix")):
+        error = _bad_request(lambda: client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=2, **extra))
+        assert error["param"] == param
+
+
+def test_the_defaults_of_those_fields_are_accepted(server):
+    answer = client_for(server).chat.completions.create(
+        model=MODEL_ID, messages=HELLO, max_tokens=2, n=1, logprobs=False, top_logprobs=0,
+        response_format={"type": "text"}, temperature=0,
+    )
+    assert len(answer.choices) == 1 and answer.choices[0].logprobs is None
+
+
+def test_max_completion_tokens_limits_the_answer_and_wins_over_max_tokens(server):
+    client = client_for(server)
+    short = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_completion_tokens=2, temperature=0)
+    assert short.usage.completion_tokens <= 2
+    both = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=9, max_completion_tokens=1, temperature=0)
+    assert both.usage.completion_tokens == 1 and both.choices[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_a_streamed_answer_too(server):
+    client = client_for(server)
+    free = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0)
+    text = free.choices[0].message.content
+    if len(text) < 4:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = text[2:4]
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0,
+                                                 stop=stop, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text[: text.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_usage_chunk_only_when_asked_for(server):
+    client = client_for(server)
+    plain = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0, stream=True))
+    assert all(c.choices and c.usage is None for c in plain)
+    off = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0, stream=True,
+                                              stream_options={"include_usage": False}))
+    assert all(c.choices and c.usage is None for c in off)
+    on = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+    assert on[-1].choices == [] and on[-1].usage.completion_tokens == server.stats.last_done.usage.completion_tokens
