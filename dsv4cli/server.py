@@ -29,6 +29,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from engine.chat_template import ChatTemplateError
 from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20   # a 1M-token prompt is ~4 MB of text; leave room for JSON
@@ -161,7 +162,10 @@ class _Handler(BaseHTTPRequestHandler):
         if requested is not None and requested != model.model_id:
             raise ApiError(404, f"the model {requested!r} does not exist; this server has {model.model_id!r}", param="model", code="model_not_found")
         _refuse_unsupported(request, chat)
-        prompt_ids = model.chat_prompt(_messages(request)) if chat else model.text_prompt(_prompt(request))
+        try:
+            prompt_ids = model.chat_prompt(_messages(request)) if chat else model.text_prompt(_prompt(request))
+        except ChatTemplateError as exc:  # a role or shape the model's prompt format refuses
+            raise ApiError(400, f"{exc} ({exc.hint})" if exc.hint else str(exc), param="messages") from None
         params = self._params(request, len(prompt_ids))
         if not self.server.slots.acquire(blocking=False):
             self.server.stats.rejected_busy += 1

@@ -25,8 +25,8 @@ class ChatTemplateError(ModelFormatError):
     """The template itself failed (raise_exception, bad syntax, unexpected message shape)."""
 
 
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template refused the conversation: {message}", "check the roles and order of the messages")
+def _raise_exception(message: str, hint: str = "check the roles and order of the messages") -> None:
+    raise ChatTemplateError(f"chat template refused the conversation: {message}", hint)
 
 
 def _strftime_now(fmt: str) -> str:

@@ -406,3 +406,34 @@ def test_usage_chunk_only_when_asked_for(server):
     on = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0, stream=True,
                                              stream_options={"include_usage": True}))
     assert on[-1].choices == [] and on[-1].usage.completion_tokens == server.stats.last_done.usage.completion_tokens
+
+
+class DeepSeekV4PromptModel(SlowModel):
+    """Prompts rendered in DeepSeek-V4's format by the tiny checkpoint's real tokenizer."""
+
+    model_id = "v4"
+
+    def __init__(self, tokenizer):
+        super().__init__(limit=2, delay_s=0.0)
+        self.tokenizer = tokenizer
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.render_chat(messages)
+
+
+def test_a_conversation_the_prompt_format_refuses_is_a_400(tmp_path):
+    from dsv4_tiny import write_tokenizer
+    from engine.deepseek_v4.chat import tokenizer_for
+
+    srv = slow_server(DeepSeekV4PromptModel(tokenizer_for(write_tokenizer(tmp_path))))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="x", max_retries=0, timeout=30)
+        tool_turn = [*HELLO, {"role": "assistant", "content": "checking"}, {"role": "tool", "content": "Paris"}]
+        answer = client.chat.completions.create(model="v4", messages=tool_turn, max_tokens=2)
+        assert answer.choices[0].message.content == "xx"  # tool results are part of the format
+        error = _bad_request(lambda: client.chat.completions.create(
+            model="v4", messages=[{"role": "narrator", "content": "hi"}], max_tokens=2))
+        assert error["param"] == "messages" and "unknown role narrator" in error["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -12,10 +12,18 @@ the prefix cache's fingerprint like any other model's template.
     <｜Assistant｜><think>{reasoning}</think>{answer}<｜end▁of▁sentence｜>  thinking mode, after the last user turn
     generation prompt: <｜Assistant｜></think> (chat) or <｜Assistant｜><think> (thinking=True)
 
-Unsure (spec §6 does not pin them down, so not implemented): the Tools section and DSML
-tool calls, and the exact wording of the reasoning_effort="max" paragraph. Tool results
-go inside a user turn as <tool_result>…</tool_result>; consecutive results share one turn
-(our reading of "inside a user turn").
+Tools, as far as spec §6 pins them down:
+- Tool results (role "tool") go inside a user turn as <tool_result>…</tool_result>;
+  consecutive results share one turn (our reading of "inside a user turn"). A real user
+  message after them opens a turn of its own (unsure: the official encoder may merge them).
+- An assistant turn after tool results, still after the last real user message, keeps its
+  reasoning in thinking mode like any turn after that message (the tool results are part
+  of the same exchange).
+Not encoded, because the spec names them without their text: the Tools section appended to
+the system prompt (`tools=`), and the `<｜DSML｜tool_calls>` block of an assistant turn that
+calls tools (`tool_calls` on a message). Both are refused with an error instead of being
+dropped, which would give a prompt the model was never trained on. Also not encoded: the
+exact wording of the reasoning_effort="max" paragraph.
 """
 
 from __future__ import annotations
@@ -33,12 +41,19 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 
+_TOOLS_HINT = "for tool use, serve the model with vLLM or SGLang and use --backend"
+_NO_TOOLS = repr("tool definitions (tools=) are not supported in DeepSeek-V4's prompt format yet: "
+                 "the Tools section's text is not specified (design/deepseek-v4.md §6)") + ", " + repr(_TOOLS_HINT)
+_NO_TOOL_CALLS = repr("assistant tool_calls are not supported in DeepSeek-V4's prompt format yet: "
+                      "the <｜DSML｜tool_calls> block's text is not specified (design/deepseek-v4.md §6)") + ", " + repr(_TOOLS_HINT)
+
 # One line per statement joined without newlines: the rendered prompt has no whitespace
 # that the official encoder would not put there.
 CHAT_TEMPLATE = "".join(
     [
         "{% set ns = namespace(last_user=-1) %}",
         "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}",
+        "{% if tools %}{{ raise_exception(" + _NO_TOOLS + ") }}{% endif %}",
         "{{ bos_token }}",
         "{% for m in messages %}",
         "{% if m['role'] == 'system' %}{{ m['content'] }}",
@@ -46,7 +61,8 @@ CHAT_TEMPLATE = "".join(
         "{% elif m['role'] == 'tool' %}",
         "{% if loop.first or loop.previtem['role'] != 'tool' %}" + USER + "{% endif %}",
         "<tool_result>{{ m['content'] }}</tool_result>",
-        "{% elif m['role'] == 'assistant' %}" + ASSISTANT,
+        "{% elif m['role'] == 'assistant' %}",
+        "{% if m.get('tool_calls') %}{{ raise_exception(" + _NO_TOOL_CALLS + ") }}{% endif %}" + ASSISTANT,
         "{% if thinking and loop.index0 > ns.last_user %}" + THINK + "{{ m.get('reasoning_content') or '' }}" + END_THINK,
         "{% else %}" + END_THINK + "{% endif %}",
         "{{ m['content'] or '' }}" + EOS,
