@@ -18,7 +18,7 @@ _dsv4_options() {
         'chat') echo '--model -m --system -s --max-tokens --temperature --no-cache --cache-ro --continue -c --cid --no-log --think --backend --help -h' ;;
         'pull') echo '--help -h' ;;
         'models') echo '--json --verify --help -h' ;;
-        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --help -h' ;;
+        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --backend --help -h' ;;
         'serve') echo '--model -m --host --port --api-key --queue --no-cache --help -h' ;;
         'completion') echo '--help -h' ;;
         'cache') echo '--help -h' ;;
@@ -44,7 +44,7 @@ _dsv4_value_options() {
         'pack') echo '--output -o --format --budget --model -m --summary-json --files-from --include --exclude --max-file-size' ;;
         'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend' ;;
         'chat') echo '--model -m --system -s --max-tokens --temperature --cid --backend' ;;
-        'review') echo '--range --fail-on --timeout --model -m --max-tokens' ;;
+        'review') echo '--range --fail-on --timeout --model -m --max-tokens --backend' ;;
         'serve') echo '--model -m --host --port --api-key --queue' ;;
         'cache prune') echo '--older-than --cap' ;;
         'logs') echo '--count -n' ;;

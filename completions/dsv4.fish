@@ -25,7 +25,7 @@ function __dsv4_value_options
         case 'chat'
             printf '%s\n' -- --model -m --system -s --max-tokens --temperature --cid --backend
         case 'review'
-            printf '%s\n' -- --range --fail-on --timeout --model -m --max-tokens
+            printf '%s\n' -- --range --fail-on --timeout --model -m --max-tokens --backend
         case 'serve'
             printf '%s\n' -- --model -m --host --port --api-key --queue
         case 'cache prune'
@@ -139,6 +139,7 @@ complete -c dsv4 -n '__dsv4_at \'review\'' -l json -d 'Print one JSON object (fi
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-log -d 'Do not keep this review in the conversation log'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
+complete -c dsv4 -n '__dsv4_at \'review\'' -l backend -r -d 'OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'serve\'' -f
 complete -c dsv4 -n '__dsv4_at \'serve\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path'

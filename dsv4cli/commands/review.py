@@ -8,6 +8,7 @@ prose, repeats the format, or invents paths: none of that becomes a finding).
 
 Advisory: exit 0 whatever was found, unless --fail-on is met (exit 1). It never prompts,
 and --timeout stops the model when the time is spent (what was complete by then is kept).
+With `--backend URL` a server reviews; the --timeout budget bounds its HTTP request too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import typer
 
+from dsv4cli import backend as backends
 from dsv4cli import render
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError
@@ -58,6 +60,8 @@ _FINDING = re.compile(
 )
 _DIFF_PATH = re.compile(r"^\+\+\+ b/(?P<path>.+?)\t?$|^diff --git a/.+? b/(?P<path2>.+)$")
 _NO_COMMIT_OPTIONS = ("--no-color", "--no-ext-diff")
+# A socket timeout set to the time left fires at the deadline, give or take the scheduler.
+_DEADLINE_SLACK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class ReviewOptions:
     log: bool = True
     cache: bool = True
     cache_read_only: bool = False
+    backend: str | None = None  # an OpenAI-compatible /v1 URL reviews instead of the embedded engine
 
 
 def register(app: typer.Typer) -> None:
@@ -219,6 +224,10 @@ def register(app: typer.Typer) -> None:
         no_log: bool = typer.Option(False, "--no-log", help="Do not keep this review in the conversation log."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
         cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
+        backend: str = typer.Option(
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL",
+            help="OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1.",
+        ),
     ) -> None:
         """Review a diff (uncommitted changes by default) with the repository as context.
 
@@ -232,7 +241,7 @@ def register(app: typer.Typer) -> None:
                            "see 'dsv4 review --help'", exit_code=EXIT_USAGE)
         options = ReviewOptions(staged=staged, range_spec=range_spec, fail_on=fail_on.lower() if fail_on else None,
                                 timeout=timeout, model=model, max_tokens=max_tokens, json_output=json_output,
-                                log=not no_log, cache=not no_cache, cache_read_only=cache_ro)
+                                log=not no_log, cache=not no_cache, cache_read_only=cache_ro, backend=backend)
         code = run_review(options)
         if code != EXIT_OK:
             raise typer.Exit(code)
@@ -247,7 +256,8 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         render.note(f"nothing to review: no {nothing}")
         return EXIT_OK
 
-    name, model = ask_command._open_model(options.model)
+    backend = backends.open_backend(options.model, backends.backend_url(options.backend))
+    name, model = backend.name, backend.model
     question = _review_request(diff)
     messages = _fit_messages(model, name, diff, question, options)
     params = _sampling(name, options.max_tokens)
@@ -262,14 +272,7 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         timed_out = True
     else:
         with view:
-            events = _review_events(model, messages, params, options, cancel=out_of_time)
-            with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
-                for event in events:
-                    view.handle(event)
-                    # A model that does not look at `cancel` is stopped here instead.
-                    if out_of_time():
-                        timed_out = True
-                        break
+            timed_out = _review(backend, view, messages, params, options, deadline, clock, out_of_time)
     done = view.done
     timed_out = timed_out or (done is not None and done.finish_reason == "cancelled")
     answer = view.text
@@ -333,15 +336,30 @@ def _fit_messages(model: Any, name: str, diff: DiffToReview, question: str, opti
         return ask_command._messages(model, AskInputs((), question, None), ask_options, name)
 
 
-def _review_events(model: Any, messages: list[dict[str, str]], params: Any, options: ReviewOptions,
-                   cancel: Callable[[], bool]) -> Any:
-    """Through the prefix cache, as `dsv4 ask` answers: the repository's pack is read once."""
-    from engine import cached_generation
+def _review(backend: backends.Backend, view: render.AnswerView, messages: list[dict[str, str]], params: Any,
+            options: ReviewOptions, deadline: float | None, clock: Callable[[], float], out_of_time: Callable[[], bool]) -> bool:
+    """Stream the review into `view` (through the prefix cache locally, so the repository's
+    pack is read once); True when the time budget ran out first."""
+    from dsv4cli.remote import BackendTimeout
 
-    if not cached_generation.supports(model):
-        return model.chat(messages, params, cancel=cancel)
-    settings = cached_generation.CacheSettings(enabled=options.cache, read_only=options.cache_read_only)
-    return cached_generation.chat(model, messages, params, settings=settings, cancel=cancel)
+    # The server's requests run on time.monotonic(); `clock` may be a test's.
+    http_deadline = None if deadline is None else time.monotonic() + max(0.0, deadline - clock())
+    cache = backends.CacheOptions(enabled=options.cache, read_only=options.cache_read_only)
+    events = backend.events(messages, params, cache=cache, cancel=out_of_time, deadline=http_deadline)
+    try:
+        with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
+            for event in events:
+                view.handle(event)
+                # A model that does not look at `cancel` is stopped here instead.
+                if out_of_time():
+                    return True
+    except BackendTimeout:
+        # The budget, not the server's own limit, ended the request: like a local model
+        # stopped by --timeout, what arrived is kept. Otherwise it is an error.
+        if http_deadline is None or time.monotonic() < http_deadline - _DEADLINE_SLACK_S:
+            raise
+        return True
+    return False
 
 
 def _sampling(name: str, max_tokens: int) -> Any:
