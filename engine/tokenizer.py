@@ -184,10 +184,9 @@ def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], me
         seen[raw] = token_id
         id_bytes.append(raw)
 
-    _check_merge_order(tokens, merges, special_tokens)
+    produced = _check_merge_order(tokens, merges, special_tokens)
     # Tokens longer than one byte that no merge produces are unreachable for the reference BPE;
     # tiktoken would reach them by concatenation, so they leave the rank table.
-    produced = _merge_results(merges)
     for raw, token_id in list(seen.items()):
         if len(raw) > 1 and tokens[token_id] not in produced:
             non_rank_ids.append(token_id)
@@ -196,16 +195,10 @@ def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], me
     return _Table(pat_str, id_bytes, special_tokens, sorted(non_rank_ids), extra)
 
 
-def _merge_results(merges: Sequence[str]) -> set[str]:
-    results = set()
-    for merge in merges:
-        left, _, right = merge.partition(" ")
-        results.add(left + right)
-    return results
-
-
-def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], specials: dict[str, int]) -> None:
+def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], specials: dict[str, int]) -> set[str]:
+    """The texts the merges produce, once rank = id is known to reproduce their order."""
     ids = {text: i for i, text in enumerate(tokens)}
+    produced: list[str] = []
     previous = -1
     for index, merge in enumerate(merges):
         left, space, right = merge.partition(" ")
@@ -224,6 +217,8 @@ def _check_merge_order(tokens: Sequence[str], merges: Sequence[str], specials: d
                 "rank = id would change the tokenization; this vocabulary needs a rank remap that dsv4 does not do",
             )
         previous = merged_id
+        produced.append(merged)
+    return set(produced)
 
 
 class Tokenizer:
