@@ -165,3 +165,21 @@ def test_think_on_a_model_without_thinking_mode_is_a_note(monkeypatch, capsys, t
     captured = capsys.readouterr()
     assert captured.out == "plain </think>answer\n"  # not split: mini has no thinking mode
     assert "--think: mini has no thinking mode" in captured.err
+
+
+def test_on_a_terminal_the_reasoning_streams_in_the_status_region_then_stays_dimmed():
+    from dsv4cli.console import stderr_console
+
+    err = io.StringIO()
+    err_console = stderr_console(err, width=60, height=10, color_system="standard", force_terminal=True)
+    out = io.StringIO()
+    view = render.AnswerView("plain", "flash", out=render.stdout_console(out, width=60, force_terminal=False),
+                             err=err_console, thinking=True)
+    with view:
+        for index, piece in enumerate(["\nstep one\n", "step two", "</think>", ANSWER], start=1):
+            view.handle(TextDelta(piece, index))
+            if index == 2:
+                assert "step one" in view._reasoning_renderable().body.plain  # the live tail
+    assert out.getvalue() == f"{ANSWER}\n"
+    shown = err.getvalue()
+    assert "\x1b[2mstep one\x1b[0m\n\x1b[2mstep two\x1b[0m\n" in shown  # printed whole, dimmed, above the answer
