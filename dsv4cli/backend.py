@@ -1,5 +1,5 @@
-"""Where `dsv4 chat` and `dsv4 review` (and `dsv4 ask`'s pattern) get their answers: the
-embedded engine or an OpenAI-compatible server (`--backend URL`), behind one object.
+"""Where `dsv4 ask`, `dsv4 chat` and `dsv4 review` get their answers: the embedded engine
+or an OpenAI-compatible server (`--backend URL`), behind one object.
 
 `Backend.events(...)` yields the engine's events either way: an engine model answers through
 the persistent prefix cache (and a chat's state kept in memory), a server through
@@ -73,6 +73,7 @@ class Backend:
         """One answer. `live` (a cached_generation.LiveState) keeps an engine model's state
         from turn to turn; `deadline` (time.monotonic()) bounds a server's whole request."""
         template_kwargs = template_kwargs or {}
+        stop = {"cancel": cancel} if cancel is not None else {}  # stand-ins may take no cancel
         if self.is_remote:
             return self.model.chat(messages, params, deadline=deadline)  # the server keeps its own prefix cache
         from engine import cached_generation  # imports torch, which loading the model already did
@@ -80,8 +81,8 @@ class Backend:
         if not cached_generation.supports(self.model):
             if hasattr(self.model, "stream"):
                 ids = prompt_ids if prompt_ids is not None else self.tokenizer.render_chat(messages, **template_kwargs)
-                return self.model.stream(ids, params, cancel=cancel)
-            return self.model.chat(messages, params, cancel=cancel, **template_kwargs)  # a stand-in model
+                return self.model.stream(ids, params, **stop)
+            return self.model.chat(messages, params, **stop, **template_kwargs)  # a stand-in model
         ids = prompt_ids if prompt_ids is not None else self.tokenizer.render_chat(messages, **template_kwargs)
         settings = cached_generation.CacheSettings(enabled=cache.enabled, read_only=cache.read_only, cap=cache.cap)
         return cached_generation.stream(self.model, ids, params, settings=settings, cancel=cancel, live=live)

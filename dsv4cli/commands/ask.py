@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import typer
 from typer.core import TyperCommand
 
+from dsv4cli import backend as backends
 from dsv4cli import remote, render
 from dsv4cli.console import stdout_is_terminal, warn
 from dsv4cli.errors import EXIT_USAGE, CliError
@@ -84,15 +85,6 @@ def _open_model(name_or_path: str) -> tuple[str, LoadedModel]:
         import engine
 
         return ref.name, engine.load(str(ref.path))
-
-
-def _open_remote(options: AskOptions) -> tuple[str, LoadedModel]:
-    from dsv4cli.config import load_settings
-
-    configured_key = load_settings(warn=lambda message: None)["api_key"]
-    with render.working(f"connecting to {options.backend}"):
-        model = remote.open_remote(str(options.backend), options.model, configured_key=configured_key, note=render.note)
-    return model.name, model
 
 
 class _AskCommand(TyperCommand):
@@ -181,7 +173,8 @@ def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], fl
             raise _usage_error(f"--cache-cap: {exc}") from None
     inputs = resolve_ask_arguments(arguments)
     started = clock()
-    name, model = _open_remote(options) if remote.is_backend_url(options.backend) else _open_model(options.model)
+    backend = backends.open_backend(options.model, options.backend if remote.is_backend_url(options.backend) else None)
+    name, model = backend.name, backend.model
     load_s = clock() - started
     thinking = options.think and thinking_supported(name, model)
     if options.think and not thinking:
@@ -199,7 +192,8 @@ def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], fl
     mode: render.AnswerMode = "json" if options.json_output else ("markdown" if stdout_is_terminal() else "plain")
     view = render.AnswerView(mode, name, thinking=thinking)
     with view:
-        events = _answer_events(model, messages, params, options, thinking=thinking)
+        cache = backends.CacheOptions(enabled=options.cache, read_only=options.cache_read_only, cap=options.cache_cap)
+        events = backend.events(messages, params, template_kwargs={"thinking": True} if thinking else None, cache=cache)
         with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
             for event in events:
                 view.handle(event)
@@ -246,23 +240,6 @@ def log_exchange(model: str, question: str, answer: str, done: Done | None, *, s
     except CliError as exc:
         warn(f"not logged: {exc}")
         return conversation_id
-
-
-def _answer_events(model: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, options: AskOptions,
-                   *, thinking: bool = False) -> Iterator[Event]:
-    """Engine models answer through the prefix cache; a stand-in or remote model answers by itself."""
-    template_kwargs = {"thinking": True} if thinking else {}
-    if getattr(model, "is_remote", False):
-        return model.chat(messages, params)  # the server keeps its own prefix cache
-    from engine import cached_generation  # imports torch, which loading the model already did
-
-    if not cached_generation.supports(model):
-        if hasattr(model, "stream"):  # an engine model the cache cannot hold: it renders no template options
-            return model.stream(model.tokenizer.render_chat(messages, **template_kwargs), params)
-        return model.chat(messages, params, **template_kwargs)  # a stand-in model
-    settings = cached_generation.CacheSettings(enabled=options.cache, read_only=options.cache_read_only, cap=options.cache_cap)
-    prompt_ids = model.tokenizer.render_chat(messages, **template_kwargs)
-    return cached_generation.stream(model, prompt_ids, params, settings=settings)
 
 
 def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
