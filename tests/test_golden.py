@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from dsv4cli import console as consoles
 from dsv4cli import logs, render

@@ -362,7 +362,7 @@ def test_unsupported_completion_fields_are_a_400(server):
     client = client_for(server)
     for extra, param in (({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
                          ({"n": 3}, "n"), ({"suffix": "end"}, "suffix")):
-        error = _bad_request(lambda: client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=2, **extra))
+        error = _bad_request(lambda extra=extra: client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=2, **extra))
         assert error["param"] == param
 
 
