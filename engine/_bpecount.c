@@ -1,9 +1,8 @@
 /* Exact byte-level BPE token counts for one split rule: single digits, then GPT-2's pattern
  * (engine/tokenizer.py DIGITS_PAT_STR), split by hand instead of by a regex engine.
  *
- * The result equals len(tiktoken.Encoding.encode_ordinary(text)) for the same ranks, minus
- * tokens ranked at or past `limit` (bytes the vocabulary lacks, which encode drops): the
- * pieces are tiktoken's regex matches, a piece that is a whole token counts one, any other
+ * The result equals len(Tokenizer.encode(text)): tiktoken's encode_ordinary with rank = token
+ * id, less the bytes the vocabulary lacks (encode drops them): the pieces are tiktoken's regex matches, a piece that is a whole token counts one, any other
  * piece is merged lowest rank first, leftmost first, as tiktoken merges. Most pieces of code
  * repeat ("self", " =", "\n    "), so a per-thread memo maps a piece's bytes to its count.
  * Counting runs with the GIL released; a Counter is read-only once built, a Memo is used by
@@ -220,9 +219,8 @@ static int table_add(table_t *t, const uint8_t *p, Py_ssize_t n, uint64_t h, uin
 
 typedef struct {
     PyObject_HEAD
-    table_t ranks;            /* token bytes -> rank */
-    uint32_t limit;           /* ranks at or past it are not counted (missing bytes) */
-    uint8_t byte_counts[256]; /* 1 when a lone byte counts as a token, 0 when it is dropped */
+    table_t ranks;            /* token bytes -> rank (= token id) */
+    uint8_t byte_counts[256]; /* 1 for a byte the vocabulary has, 0 for one it lacks (dropped) */
 } CounterObject;
 
 typedef struct {
@@ -238,7 +236,7 @@ static inline uint32_t rank_of(const CounterObject *c, const uint8_t *p, Py_ssiz
     return slot ? slot->value : NO_RANK;
 }
 
-/* tiktoken's merge loop over one piece; returns the count of tokens ranked below the limit.
+/* tiktoken's merge loop over one piece; returns the count of its tokens, lacking bytes left out.
  * starts[k] is where part k begins; pair_rank[k] the rank of parts k and k+1 joined. */
 static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
     Py_ssize_t stack_starts[STACK_PARTS + 1];
@@ -290,8 +288,7 @@ static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize
 
 static Py_ssize_t piece_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
     if (n == 1) return c->byte_counts[p[0]];
-    uint32_t whole = rank_of(c, p, n);
-    if (whole != NO_RANK) return whole < c->limit ? 1 : 0;
+    if (rank_of(c, p, n) != NO_RANK) return 1;
     return merge_count(c, p, n);
 }
 
@@ -327,65 +324,67 @@ static void Counter_dealloc(CounterObject *self) {
 }
 
 static int Counter_init(CounterObject *self, PyObject *args, PyObject *kwds) {
-    static char *keywords[] = {"ranks", "limit", NULL};
-    PyObject *ranks;
-    unsigned long limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!k", keywords, &PyDict_Type, &ranks, &limit)) return -1;
+    /* tokens: every id's bytes (rank = id); skip: ids outside the rank table (specials,
+     * unused, unreachable). A byte no token spells is one the vocabulary lacks: tiktoken
+     * ranks it past the end and encode drops it, so it counts zero here. */
+    static char *keywords[] = {"tokens", "skip", NULL};
+    PyObject *tokens, *skip;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O", keywords, &PyList_Type, &tokens, &skip)) return -1;
     if (self->ranks.slots) {
         PyErr_SetString(PyExc_RuntimeError, "Counter is already initialised");
         return -1;
     }
-    if (limit > NO_RANK) {
-        PyErr_SetString(PyExc_ValueError, "limit is too large");
+    Py_ssize_t count = PyList_GET_SIZE(tokens);
+    if ((uint64_t)count >= NO_RANK) {
+        PyErr_SetString(PyExc_ValueError, "too many tokens");
         return -1;
     }
-    if (table_init(&self->ranks, (size_t)PyDict_Size(ranks)) < 0) {
+    uint8_t *skipped = calloc((size_t)count + 1, 1);
+    if (!skipped) {
         PyErr_NoMemory();
         return -1;
     }
-    self->limit = (uint32_t)limit;
+    PyObject *iterator = PyObject_GetIter(skip), *item;
+    if (!iterator) goto fail;
+    while ((item = PyIter_Next(iterator))) {
+        Py_ssize_t id = PyLong_AsSsize_t(item);
+        Py_DECREF(item);
+        if (id == -1 && PyErr_Occurred()) break;
+        if (id >= 0 && id < count) skipped[id] = 1;
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) goto fail;
+    if (table_init(&self->ranks, (size_t)count) < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     memset(self->byte_counts, 0, sizeof(self->byte_counts));
-    int have_byte[256] = {0};
-    PyObject *key, *value;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(ranks, &pos, &key, &value)) {
-        if (!PyBytes_Check(key)) {
-            PyErr_SetString(PyExc_TypeError, "ranks keys must be bytes");
-            return -1;
+    for (Py_ssize_t id = 0; id < count; id++) {
+        if (skipped[id]) continue;
+        PyObject *token = PyList_GET_ITEM(tokens, id);
+        if (!PyBytes_Check(token)) {
+            PyErr_SetString(PyExc_TypeError, "tokens must be bytes");
+            goto fail;
         }
-        unsigned long rank = PyLong_AsUnsignedLong(value);
-        if (rank == (unsigned long)-1 && PyErr_Occurred()) return -1;
-        if (rank >= NO_RANK) {
-            PyErr_SetString(PyExc_ValueError, "rank is too large");
-            return -1;
-        }
-        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(key);
-        Py_ssize_t n = PyBytes_GET_SIZE(key);
-        if (n == 0) {
-            PyErr_SetString(PyExc_ValueError, "an empty token");
-            return -1;
-        }
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(token);
+        Py_ssize_t n = PyBytes_GET_SIZE(token);
+        if (n == 0) continue;                      /* never a BPE result */
         uint64_t h = hash_bytes(p, n);
         if (table_find(&self->ranks, p, n, h)) {
-            PyErr_SetString(PyExc_ValueError, "a token appears twice");
-            return -1;
+            PyErr_Format(PyExc_ValueError, "token %zd repeats an earlier token's bytes", id);
+            goto fail;
         }
-        if (table_add(&self->ranks, p, n, h, (uint32_t)rank) < 0) {
+        if (table_add(&self->ranks, p, n, h, (uint32_t)id) < 0) {
             PyErr_NoMemory();
-            return -1;
+            goto fail;
         }
-        if (n == 1) {
-            have_byte[p[0]] = 1;
-            self->byte_counts[p[0]] = rank < self->limit;
-        }
+        if (n == 1) self->byte_counts[p[0]] = 1;
     }
-    for (int b = 0; b < 256; b++) {
-        if (!have_byte[b]) {
-            PyErr_Format(PyExc_ValueError, "ranks lack the single byte 0x%02x", b);
-            return -1;
-        }
-    }
+    free(skipped);
     return 0;
+fail:
+    free(skipped);
+    return -1;
 }
 
 static PyTypeObject MemoType;
@@ -472,7 +471,7 @@ static PyTypeObject CounterType = {
     .tp_basicsize = sizeof(CounterObject),
     .tp_dealloc = (destructor)Counter_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Counter(ranks: dict[bytes, int], limit: int): exact BPE token counts",
+    .tp_doc = "Counter(tokens: list[bytes], skip: Iterable[int]): exact BPE token counts, rank = id",
     .tp_methods = Counter_methods,
     .tp_init = (initproc)Counter_init,
     .tp_new = PyType_GenericNew,

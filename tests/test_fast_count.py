@@ -134,9 +134,9 @@ def test_counts_equal_tiktoken_on_random_text(tiny):
 @needs_extension
 def test_counts_with_and_without_the_memo_agree(tiny):
     texts = stdlib_sample(60) + random_texts("memo")
-    ranks = tiny._table.mergeable_ranks()
-    with_memo = bpe_count.FastCounter(ranks, tiny.vocab_size)
-    without = bpe_count.FastCounter(ranks, tiny.vocab_size, memo=False)
+    table = tiny._table
+    with_memo = bpe_count.FastCounter(table.id_bytes, table.non_rank_ids)
+    without = bpe_count.FastCounter(table.id_bytes, table.non_rank_ids, memo=False)
     first = [with_memo.count(t) for t in texts]
     assert first == [without.count(t) for t in texts]
     assert [with_memo.count(t) for t in texts] == first      # now mostly from the memo
