@@ -263,6 +263,7 @@ def _take_live(live: LiveState | None, loaded: Any, prompt_ids: list[int], adapt
                                 "state cannot be rewound; the disk cache is used instead")
             return None, 0
         state.trim(state.length - common)
+        live.token_ids = live.token_ids[:common]
     report.live_tokens = common
     chunk = adapter.chunk_tokens
     return state, min(live.published, common // chunk * chunk)

@@ -124,3 +124,22 @@ def test_each_turn_publishes_its_new_chunks_for_a_later_run(tiny):
     again, _ = run(tiny, second_prompt, GREEDY)
     assert again.extra["cache"]["reused_tokens"] == live.published
     assert again.text == second.text
+
+
+def test_a_state_that_cannot_be_rewound_falls_back_to_the_disk_cache(tmp_path_factory):
+    """DeepSeek-V4's compressed state cannot forget tokens: a prompt that leaves the kept
+    conversation (here: /clear, then another question) is served from the disk cache."""
+    import engine
+    from tests.dsv4_tiny import write_tiny_model
+
+    loaded = engine.load(str(write_tiny_model(tmp_path_factory.mktemp("dsv4-live") / "tiny-v4", "fp32")), device="cpu")
+    params = SamplingParams(max_tokens=4)
+    live = LiveState()
+    first = loaded.tokenizer.render_chat(conversation((PACK + "\n\nWhat is the greeting like?", None)))
+    run(loaded, first, params, live=live)
+    other = loaded.tokenizer.render_chat(conversation((PACK + "\n\nHow many notes are there?", None)))
+    done, progress = run(loaded, other, params, live=live)
+    report = done.extra["cache"]
+    assert report["live_tokens"] == 0 and "cannot be rewound" in report["live_miss"]
+    assert report["reused_tokens"] == progress[0].done > 0 and report["bytes_loaded"] > 0  # from disk instead
+    assert done.text == run(loaded, other, params, settings=CacheSettings(enabled=False))[0].text

@@ -254,6 +254,7 @@ class _Chat:
         self.options = options
         self.backend = backend
         self.live: Any = None  # engine.cached_generation.LiveState, made at the first local turn
+        self._live_miss_noted = False
         self.session = ChatSession(None, None)
         self.last: TurnStats | None = None
         self.total = TurnStats()
@@ -406,7 +407,8 @@ class _Chat:
         cache_report = (done.extra.get("cache") if done is not None else None) or {}
         for warning in cache_report.get("warnings", []):
             warn(warning)
-        if cache_report.get("live_miss"):
+        if cache_report.get("live_miss") and not self._live_miss_noted:
+            self._live_miss_noted = True  # once: a model whose state cannot be rewound misses every turn
             render.note(f"the conversation kept in memory was not reused: {cache_report['live_miss']}")
         if done is not None and done.finish_reason == "length":
             render.note(f"the answer stopped at --max-tokens {self.options.max_tokens}")
