@@ -19,8 +19,8 @@
 enum { C_OTHER = 0, C_LETTER = 1, C_NUMBER = 2, C_SPACE = 3 };
 
 #define MEMO_MAX_PIECE 128          /* longer pieces are rare and rarely repeat */
-#define MEMO_MAX_ENTRIES (1u << 21)  /* ~2M pieces; past that, new pieces are not remembered */
-#define STACK_PARTS 256
+#define MEMO_MAX_ENTRIES (1u << 19)  /* ~30 MB a thread at most; past that, new pieces are not remembered */
+#define SHORT_PIECE 64           /* longer pieces merge through a heap, not by scanning */
 
 static unsigned char ascii_class[128];
 
@@ -236,26 +236,16 @@ static inline uint32_t rank_of(const CounterObject *c, const uint8_t *p, Py_ssiz
     return slot ? slot->value : NO_RANK;
 }
 
-/* tiktoken's merge loop over one piece; returns the count of its tokens, lacking bytes left out.
+/* tiktoken's merge loop over one short piece: scan for the lowest pair rank, leftmost first,
+ * join that pair, repeat; returns the count of its tokens, lacking bytes left out.
  * starts[k] is where part k begins; pair_rank[k] the rank of parts k and k+1 joined. */
-static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
-    Py_ssize_t stack_starts[STACK_PARTS + 1];
-    uint32_t stack_ranks[STACK_PARTS + 1];
-    Py_ssize_t *starts = stack_starts;
-    uint32_t *pair_rank = stack_ranks;
-    if (n > STACK_PARTS) {
-        starts = malloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
-        pair_rank = malloc(sizeof(uint32_t) * (size_t)(n + 1));
-        if (!starts || !pair_rank) {
-            free(starts);
-            free(pair_rank);
-            return -1;
-        }
-    }
-    Py_ssize_t parts = n;   /* parts; starts[parts] == n closes the last one */
+static Py_ssize_t merge_count_short(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    Py_ssize_t starts[SHORT_PIECE + 1];
+    uint32_t pair_rank[SHORT_PIECE + 1];
+    Py_ssize_t parts = n;   /* starts[parts] == n closes the last part */
     for (Py_ssize_t k = 0; k <= n; k++) starts[k] = k;
     for (Py_ssize_t k = 0; k + 1 < parts; k++) pair_rank[k] = rank_of(c, p + k, 2);
-    if (parts > 0) pair_rank[parts - 1] = NO_RANK;
+    pair_rank[parts - 1] = NO_RANK;
     while (parts > 1) {
         uint32_t best = NO_RANK;
         Py_ssize_t at = -1;
@@ -266,7 +256,6 @@ static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize
             }
         }
         if (at < 0) break;
-        /* join parts at and at+1 */
         memmove(starts + at + 1, starts + at + 2, sizeof(Py_ssize_t) * (size_t)(parts - at - 1));
         memmove(pair_rank + at + 1, pair_rank + at + 2, sizeof(uint32_t) * (size_t)(parts - at - 2));
         parts--;
@@ -275,15 +264,100 @@ static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize
     }
     Py_ssize_t count = 0;
     for (Py_ssize_t k = 0; k < parts; k++) {
-        Py_ssize_t len = starts[k + 1] - starts[k];
-        /* only single bytes can be missing: no merge involves a byte the vocabulary lacks */
-        count += len == 1 ? c->byte_counts[p[starts[k]]] : 1;
-    }
-    if (starts != stack_starts) {
-        free(starts);
-        free(pair_rank);
+        /* only single bytes can be lacking: no merge involves a byte the vocabulary lacks */
+        count += starts[k + 1] - starts[k] == 1 ? c->byte_counts[p[starts[k]]] : 1;
     }
     return count;
+}
+
+/* The same merges for a long piece in O(n log n): parts form a linked list (named by the
+ * byte where they start) and candidate pairs sit in a heap ordered by (rank, start), so the
+ * pair popped is the lowest rank, leftmost first, exactly as the scan picks it. An entry is
+ * stale when its part was absorbed or its pair's rank changed. -1 when out of memory. */
+typedef struct { uint32_t rank; uint32_t start; } candidate_t;
+
+static inline int candidate_before(candidate_t a, candidate_t b) {
+    return a.rank < b.rank || (a.rank == b.rank && a.start < b.start);
+}
+
+static void heap_push(candidate_t *heap, size_t *size, candidate_t item) {
+    size_t i = (*size)++;
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (!candidate_before(item, heap[parent])) break;
+        heap[i] = heap[parent];
+        i = parent;
+    }
+    heap[i] = item;
+}
+
+static candidate_t heap_pop(candidate_t *heap, size_t *size) {
+    candidate_t top = heap[0], last = heap[--(*size)];
+    size_t i = 0;
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= *size) break;
+        if (child + 1 < *size && candidate_before(heap[child + 1], heap[child])) child++;
+        if (!candidate_before(heap[child], last)) break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    if (*size > 0) heap[i] = last;
+    return top;
+}
+
+static Py_ssize_t merge_count_long(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    if ((uint64_t)n >= UINT32_MAX / 4) return -1;
+    uint32_t *next = malloc(sizeof(uint32_t) * (size_t)(n + 1));   /* start of the following part */
+    uint32_t *prev = malloc(sizeof(uint32_t) * (size_t)(n + 1));
+    uint32_t *pair_rank = malloc(sizeof(uint32_t) * (size_t)(n + 1));
+    uint8_t *alive = malloc((size_t)n + 1);
+    candidate_t *heap = malloc(sizeof(candidate_t) * (size_t)(3 * n + 1));  /* n-1 at first, at most 2 per merge */
+    Py_ssize_t count = -1;
+    if (!next || !prev || !pair_rank || !alive || !heap) goto done;
+    size_t size = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        next[k] = (uint32_t)(k + 1);
+        prev[k] = (uint32_t)(k - 1);
+        alive[k] = 1;
+        pair_rank[k] = k + 1 < n ? rank_of(c, p + k, 2) : NO_RANK;
+        if (pair_rank[k] != NO_RANK) heap_push(heap, &size, (candidate_t){pair_rank[k], (uint32_t)k});
+    }
+    while (size > 0) {
+        candidate_t best = heap_pop(heap, &size);
+        uint32_t at = best.start;
+        if (!alive[at] || pair_rank[at] != best.rank) continue;   /* stale */
+        uint32_t absorbed = next[at];
+        alive[absorbed] = 0;
+        next[at] = next[absorbed];
+        if (next[at] < (uint32_t)n) prev[next[at]] = at;
+        /* the joined part's pair with its new neighbour, and its left neighbour's pair with it */
+        if (next[at] < (uint32_t)n) {
+            uint32_t end = next[next[at]];
+            pair_rank[at] = rank_of(c, p + at, (Py_ssize_t)end - at);
+            if (pair_rank[at] != NO_RANK) heap_push(heap, &size, (candidate_t){pair_rank[at], at});
+        } else {
+            pair_rank[at] = NO_RANK;
+        }
+        if (at > 0) {
+            uint32_t left = prev[at];
+            pair_rank[left] = rank_of(c, p + left, (Py_ssize_t)next[at] - left);
+            if (pair_rank[left] != NO_RANK) heap_push(heap, &size, (candidate_t){pair_rank[left], left});
+        }
+    }
+    count = 0;
+    for (uint32_t k = 0; k < (uint32_t)n; k = next[k]) count += next[k] - k == 1 ? c->byte_counts[p[k]] : 1;
+done:
+    free(next);
+    free(prev);
+    free(pair_rank);
+    free(alive);
+    free(heap);
+    return count;
+}
+
+static Py_ssize_t merge_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {
+    return n <= SHORT_PIECE ? merge_count_short(c, p, n) : merge_count_long(c, p, n);
 }
 
 static Py_ssize_t piece_count(const CounterObject *c, const uint8_t *p, Py_ssize_t n) {

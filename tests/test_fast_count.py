@@ -40,6 +40,11 @@ def random_texts(seed: str, n: int = 300) -> list[str]:
              "=" * 700, "a" * 3000, " " * 600 + "1", "\n" * 400, "é" * 500]
     for _ in range(n):
         texts.append("".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 60))))
+    # long pieces (past 64 bytes the C code merges through a heap instead of scanning)
+    for _ in range(n // 10):
+        # the letters of the tiny vocabulary's merges too, so ties between equal pairs occur
+        alphabet = rng.choice(["abcde", "ab", "a", "xyzxyzq", " ", "=-", "é中", "0", "bonacirtu", "elfsan", "_", '"'])
+        texts.append(" " + "".join(rng.choice(alphabet) for _ in range(rng.randint(40, 3000))))
     return texts
 
 
