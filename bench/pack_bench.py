@@ -284,6 +284,7 @@ def main() -> None:
             times["files-to-prompt"].append(run_files_to_prompt(corpus, out, cpu=cpu["files-to-prompt"]))
             loads.append(os.getloadavg()[0])
         load_after = os.getloadavg()
+        counter = dsv4_counter(model, scratch_root / "home-counter")
         ours = json.loads(summary.read_text())
         dsv4_bytes = dsv4_out.stat().st_size
 
@@ -307,7 +308,7 @@ def main() -> None:
         },
         "corpus": {"files": n_files, "bytes": n_bytes, "head": git(corpus, "rev-parse", "HEAD").strip()},
         "dsv4_pack": {"tokens": ours["total_tokens"], "tokenizer": ours["tokenizer"], "bytes": dsv4_bytes,
-                      **statuses},
+                      "counter": counter, **statuses},
         "runs": times,
         "medians_s": medians,
         "cpu_s": cpu,
@@ -321,6 +322,14 @@ def main() -> None:
     print(section)
     if not args.no_write:
         write_results(section)
+
+
+def dsv4_counter(model: Path, home: Path) -> str:
+    """What counted dsv4's tokens: its C counter, or tiktoken where the extension was not built."""
+    code = "import sys; from engine.tokenizer import Tokenizer; print(Tokenizer.from_gguf(sys.argv[1]).counter_name)"
+    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, cwd=REPO, check=False,
+                            env={**python_env(), "DSV4_HOME": str(home)})
+    return {"c": "C counter, engine/_bpecount.c", "tiktoken": "tiktoken"}.get(result.stdout.strip(), "?")
 
 
 def _dsv4_version() -> str:
@@ -391,7 +400,8 @@ def render_markdown(report: dict) -> str:
         f"Versions: {v['dsv4']}, repomix {v['repomix']}, files-to-prompt {v['files-to-prompt']}.",
         f"Corpus: {corpus['files']:,} files, {corpus['bytes'] / 1e6:.1f} MB, HEAD {corpus['head'][:12]} "
         "(see bench/README.md).",
-        f"dsv4's pack: {pack['tokens']:,} tokens ({pack['tokenizer']}), {pack['bytes'] / 1e6:.1f} MB; "
+        f"dsv4's pack: {pack['tokens']:,} tokens ({pack['tokenizer']}, counted by {pack.get('counter', '?')}), "
+        f"{pack['bytes'] / 1e6:.1f} MB; "
         f"{pack['full']} files full, {pack['listed']} listed (binary, noise, over the size cap).",
         "",
         "| tool | median | repomix / tool | CPU (median) | runs (s) |",

@@ -416,6 +416,11 @@ class Tokenizer:
                     self._lazy_fast = fast_counter(table.pat_str, self._presplit is not None, table.id_bytes, table.non_rank_ids)
         return self._lazy_fast  # type: ignore[return-value]
 
+    @property
+    def counter_name(self) -> str:
+        """What counts tokens: "c" (engine/_bpecount.c) or "tiktoken" (the reference)."""
+        return "c" if self._fast is not None else "tiktoken"
+
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text: special-token strings inside it stay text."""
         if self._presplit is None:

@@ -18,7 +18,12 @@ import pytest
 from engine import bpe_count
 from engine.gen_bpecount_tables import HEADER, class_ranges, render
 from engine.tokenizer import DIGITS_PAT_STR, Tokenizer
-from tests.tinymodels import CONTROL_TOKENS, real_model_gguf, write_tiny_hf_tokenizer, write_tiny_llama_gguf
+from tests.tinymodels import (
+    CONTROL_TOKENS,
+    real_model_gguf,
+    write_tiny_hf_tokenizer,
+    write_tiny_llama_gguf,
+)
 
 needs_extension = pytest.mark.skipif(not bpe_count.available(), reason="engine._bpecount is not built (no C compiler at install)")
 
@@ -110,7 +115,7 @@ def test_the_split_is_tiktokens_regex_split(tiny):
 
 @needs_extension
 def test_counts_equal_tiktoken_on_standard_library_code(tiny):
-    assert tiny._fast is not None
+    assert tiny._fast is not None and tiny.counter_name == "c"
     texts = stdlib_sample()
     assert len(texts) > 200
     assert [tiny.count(t) for t in texts] == tiktoken_counts(tiny, texts)
@@ -183,7 +188,7 @@ def test_threads_count_in_parallel_and_exactly(tiny):
 def test_without_the_extension_tiktoken_counts(tiny, monkeypatch):
     monkeypatch.setattr(bpe_count, "_bpecount", None)
     tokenizer = Tokenizer(tiny._table, name="fallback", digest="1" * 64, vocab_size=tiny.vocab_size)
-    assert tokenizer._fast is None
+    assert tokenizer._fast is None and tokenizer.counter_name == "tiktoken"
     texts = random_texts("fallback", 100)
     assert tokenizer.count_batch(texts) == [len(tokenizer.encode(t)) for t in texts]
 
@@ -193,7 +198,7 @@ def test_other_split_rules_count_with_tiktoken(tmp_path):
     deepseek = Tokenizer.from_hf_dir(write_tiny_hf_tokenizer(tmp_path / "deepseek", style="deepseek"))
     texts = random_texts("other", 100)
     for tokenizer in (gpt2, deepseek):
-        assert tokenizer._fast is None
+        assert tokenizer._fast is None and tokenizer.counter_name == "tiktoken"
         assert [tokenizer.count(t) for t in texts] == [len(tokenizer.encode(t)) for t in texts]
 
 
