@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.kv_state import KVState
-from engine.quant import QuantLinear
+from engine.quant import DENSE_MIN_ROWS, QuantLinear
 
 
 @dataclass(frozen=True)
@@ -146,14 +147,53 @@ class Block(nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class _DecodeLayer:
+    """One block's weights as the decode step uses them: bare kernels, norm weights
+    pre-scaled by sqrt(E) (see _rms_norm_into)."""
+
+    attn_norm: Tensor
+    wqkv: Callable[[Tensor], Tensor]
+    wo: Callable[[Tensor], Tensor]
+    ffn_norm: Tensor
+    w_gate_up: Callable[[Tensor], Tensor]
+    w_down: Callable[[Tensor], Tensor]
+
+
+def _rms_norm_into(x: Tensor, weight_sqrt_e: Tensor, eps_e: float, sum_sq: Tensor, tmp: Tensor, out: Tensor) -> Tensor:
+    """RMSNorm of x [B, E] fp32 written to `out` (any float dtype) in five ops, where
+    F.rms_norm takes seven plus a cast: x * rsqrt(sum(x^2) + E eps) * (w sqrt(E)) is
+    x * rsqrt(mean(x^2) + eps) * w. sum_sq [B] and tmp [B, E] fp32 are scratch."""
+    torch.linalg.vecdot(x, x, out=sum_sq)
+    sum_sq.add_(eps_e).rsqrt_()
+    torch.mul(x, sum_sq.unsqueeze(-1), out=tmp)
+    return torch.mul(tmp, weight_sqrt_e, out=out)
+
+
 class Llama(nn.Module):
-    def __init__(self, args: LlamaArgs, embedding: QuantLinear, blocks: list[Block], norm: RMSNorm, head: QuantLinear, head_rows: QuantLinear | None = None):
+    def __init__(
+        self,
+        args: LlamaArgs,
+        embedding: QuantLinear,
+        blocks: list[Block],
+        norm: RMSNorm,
+        head: QuantLinear,
+        head_rows: QuantLinear | None = None,
+        head_few_rows: QuantLinear | None = None,
+    ):
         """`head` computes all logits; when it is not fp32, `head_rows` (default: head)
         supplies exact fp32 rows to recompute the top candidates (see _refine_top). The
         tied SmolLM2 head is a coarse one-level int8 pass sharing storage with the exact
-        two-level int8 embedding."""
+        two-level int8 embedding. `head_few_rows`, when given, replaces `head` for fewer
+        than DENSE_MIN_ROWS positions (decode): a coarser, smaller pass whose top candidates
+        are recomputed the same way."""
         super().__init__()
         self.args = args
+        self.head_few_rows = head_few_rows
+        # The one-token step (_decode_step); False runs decode through the general path,
+        # which tests use as its reference.
+        self.fast_decode = args.rope_interleaved
+        self._decode_layers: list[_DecodeLayer] | None = None
         self.embedding = embedding  # rows(ids) gives the input vectors
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
@@ -182,12 +222,15 @@ class Llama(nn.Module):
         start = state.length
         if start + T > state.max_len:
             raise ValueError(f"{start + T} tokens exceed the state's {state.max_len}")
-        rope = self.rope[start : start + T].unsqueeze(1) * self.head_scale  # [T, H + Hkv, D/2]
-        # Activations stay 2-D [B*T, E]: the quantised kernels take them without reshapes.
-        x = self.embedding.rows(tokens.reshape(-1))
-        k_caches, v_caches = state.k.unbind(0), state.v.unbind(0)  # one call, not 2 per layer
-        for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
-            x = block.forward(x, B, T, rope, k_cache, v_cache, start)
+        if T == 1 and self.fast_decode:
+            x = self._decode_step(tokens, state)
+        else:
+            rope = self.rope[start : start + T].unsqueeze(1) * self.head_scale  # [T, H + Hkv, D/2]
+            # Activations stay 2-D [B*T, E]: the quantised kernels take them without reshapes.
+            x = self.embedding.rows(tokens.reshape(-1))
+            k_caches, v_caches = state.k.unbind(0), state.v.unbind(0)  # one call, not 2 per layer
+            for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
+                x = block.forward(x, B, T, rope, k_cache, v_cache, start)
         if output == "none":
             state.length = start + T
             return None
@@ -195,11 +238,88 @@ class Llama(nn.Module):
         if output == "last":
             x = x[:, -1:]
         h = self.norm.forward(x)
-        logits = self.head.forward(h).float()
-        if self.head.compute_dtype != torch.float32:
+        head = self.head_few_rows if self.head_few_rows is not None and x.shape[0] * x.shape[1] < DENSE_MIN_ROWS else self.head
+        logits = head.forward(h).float()
+        if head.compute_dtype != torch.float32:
             logits = self._refine_top(logits, h)
         state.length = start + T
         return logits
+
+    def _decode_step(self, tokens: Tensor, state: KVState) -> Tensor:
+        """The blocks for one new token per sequence (tokens [B, 1]) -> residual [B, E].
+
+        The general path's math with ~25 tensor ops per layer instead of ~50: on a CPU the
+        per-op dispatch cost, not the arithmetic, is most of a decode step outside the
+        weight matmuls. Scratch buffers and cache views are made once per step and reused
+        by every layer; q, k and v pass through one fp32 copy that RoPE rotates in place
+        and that the cache writes read from. Rounding matches the general path except in
+        the norms (fp32 summation order)."""
+        a = self.args
+        H, Hkv, D, E, Fh = a.n_heads, a.n_kv_heads, a.head_dim, a.dim, a.ffn_dim
+        G = H // Hkv
+        B = tokens.shape[0]
+        start, end = state.length, state.length + 1
+        layers = self._decode_plan()
+        dtype = self.cache_dtype
+        eps_e = a.norm_eps * E
+
+        x = self.embedding.rows(tokens.reshape(-1))  # [B, E] fp32
+        rope = self.rope[start] * self.head_scale.view(-1, 1)  # [H + Hkv, D/2]
+        sum_sq, normed32 = torch.empty(B), torch.empty(B, E)
+        normed = torch.empty(B, E, dtype=dtype)
+        qkv32 = torch.empty(B, H + 2 * Hkv, D // 2, 2)
+        qkv32_flat = qkv32.view(B, -1)
+        qk_complex = torch.view_as_complex(qkv32)[:, : H + Hkv]
+        q_rotated, k_rotated, v_new = qkv32[:, :H].view(B, H, D), qkv32[:, H : H + Hkv].view(B, Hkv, D), qkv32[:, H + Hkv :].view(B, Hkv, D)
+        q = torch.empty(B * Hkv, G, D, dtype=dtype)  # query heads grouped by the KV head they read
+        q_heads = q.view(B, H, D)
+        scores = torch.empty(B * Hkv, G, end, dtype=dtype)
+        probs = torch.empty(B * Hkv, G, end, dtype=dtype)
+        attended = torch.empty(B * Hkv, G, D, dtype=dtype)
+        attended_rows = attended.view(B, H * D)
+        gate_up = torch.empty(B, 2 * Fh)
+        gate, up = gate_up[:, :Fh], gate_up[:, Fh:]
+        hidden = torch.empty(B, Fh, dtype=dtype)
+        # Per layer: the slot this token's key/value goes to, and the cached positions 0..end.
+        k_slots, v_slots = state.k.select(4, start).unbind(0), state.v.select(3, start).unbind(0)
+        n_layers = a.n_layers
+        k_seen = state.k.narrow(4, 0, end).view(n_layers, B * Hkv, D, end).unbind(0)
+        v_seen = state.v.narrow(3, 0, end).view(n_layers, B * Hkv, end, D).unbind(0)
+
+        for layer, k_slot, v_slot, keys_t, values in zip(layers, k_slots, v_slots, k_seen, v_seen):
+            _rms_norm_into(x, layer.attn_norm, eps_e, sum_sq, normed32, normed)
+            qkv32_flat.copy_(layer.wqkv(normed))
+            torch.mul(qk_complex, rope, out=qk_complex)
+            q_heads.copy_(q_rotated)
+            k_slot.copy_(k_rotated)
+            v_slot.copy_(v_new)
+            torch.bmm(q, keys_t, out=scores)
+            probs.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
+            torch.bmm(probs, values, out=attended)
+            x.add_(layer.wo(attended_rows))
+            _rms_norm_into(x, layer.ffn_norm, eps_e, sum_sq, normed32, normed)
+            gate_up.copy_(layer.w_gate_up(normed))
+            F.silu(gate, inplace=True)  # in fp32, as FeedForward does
+            x.add_(layer.w_down(torch.mul(gate, up, out=hidden)))
+        return x
+
+    def _decode_plan(self) -> list[_DecodeLayer]:
+        """The blocks' weights as _decode_step reads them (built once: weights never change
+        after loading)."""
+        if self._decode_layers is None:
+            root_e = math.sqrt(self.args.dim)
+            self._decode_layers = [
+                _DecodeLayer(
+                    attn_norm=b.attn_norm.weight * root_e,
+                    wqkv=b.attn.wqkv.few_rows(),
+                    wo=b.attn.wo.few_rows(),
+                    ffn_norm=b.ffn_norm.weight * root_e,
+                    w_gate_up=b.ffn.w_gate_up.few_rows(),
+                    w_down=b.ffn.w_down.few_rows(),
+                )
+                for b in self.blocks
+            ]
+        return self._decode_layers
 
     def _refine_top(self, logits: Tensor, h: Tensor, k: int = 32) -> Tensor:
         """Recompute the `k` highest logits of each position in fp32. A bf16 head rounds

@@ -20,11 +20,17 @@ Formats
   25x slower, so int4 and int8 layers compute in bf16 (the residual stream stays fp32 in
   the model).
 
+`few_rows()` gives the layer's decode kernel as a bare callable for x [M < DENSE_MIN_ROWS, K]
+already in the compute dtype: `forward` minus its checks and casts, which cost as much as a
+small GEMV when the model calls ~120 layers per token.
+
 Each format has a pure reference beside its kernel (`*_dequantize`: rebuild W in fp32, then
 an ordinary matmul); tests hold the kernels to it.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,10 @@ class QuantLinear(nn.Module):
     def rows(self, ids: Tensor) -> Tensor:  # pragma: no cover - every format overrides it
         raise NotImplementedError
 
+    def few_rows(self) -> Callable[[Tensor], Tensor]:
+        """f(x [M, K] in compute_dtype, M < DENSE_MIN_ROWS) -> y [M, N], equal to forward(x)."""
+        return self.forward
+
 
 class DenseLinear(QuantLinear):
     mode = "dense"
@@ -60,6 +70,10 @@ class DenseLinear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.to(self.compute_dtype), self.weight)
+
+    def few_rows(self) -> Callable[[Tensor], Tensor]:
+        weight = self.weight
+        return lambda x: F.linear(x, weight)
 
     def rows(self, ids: Tensor) -> Tensor:
         return self.weight[ids].float()
@@ -120,6 +134,12 @@ class Int8Linear(QuantLinear):
             n = self.out_features
             y = y[:, :n] + y[:, n:]
         return y
+
+    def few_rows(self) -> Callable[[Tensor], Tensor]:
+        if self.levels != 1:
+            return super().few_rows()
+        q, scale, kernel = self.q, self.scale, torch.ops.aten._weight_int8pack_mm
+        return lambda x: kernel(x, q, scale)
 
     def expand(self) -> Tensor:
         """W [N, K] in the compute dtype (a transient for many-row calls); int8 values are
@@ -274,6 +294,10 @@ class Int4Linear(QuantLinear):
         if x.shape[0] >= DENSE_MIN_ROWS:
             return F.linear(x.to(self.compute_dtype), self.expand())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.compute_dtype), self.packed, self.group, self.scale_zeros)
+
+    def few_rows(self) -> Callable[[Tensor], Tensor]:
+        packed, group, scale_zeros, kernel = self.packed, self.group, self.scale_zeros, torch.ops.aten._weight_int4pack_mm_for_cpu
+        return lambda x: kernel(x, packed, group, scale_zeros)
 
     def expand(self) -> Tensor:
         """W [N, K] in the compute dtype, from the nibbles (a transient for many-row calls)."""

@@ -267,3 +267,32 @@ def test_interleaved_rope_on_permuted_rows_equals_half_split_rope():
     half_split = _apply_rope(x, rope, interleaved=False)
     expected = half_split.view(1, T, heads, 2, D // 2).transpose(-1, -2).reshape(1, T, heads, D)
     torch.testing.assert_close(interleaved, expected)
+
+
+@pytest.mark.parametrize(("quant", "mode"), [("Q4_1", "fp32"), ("Q4_1", "int4"), ("Q8_0", "int8"), ("Q4_1", "bf16")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fast_decode_step_equals_the_general_path(models, quant, mode, batch):
+    """_decode_step against the general path (fast_decode off) over 24 decoded tokens after a
+    prompt: same logits to fp32 rounding, or to a bf16 step for bf16 activations, and the
+    same cache contents."""
+    model = models(quant, mode)
+    tokens = torch.cat([_tokens(40, seed=10 + row) for row in range(batch)])
+    results = {}
+    for fast in (False, True):
+        model.fast_decode = fast
+        try:
+            state = model.new_state(batch=batch)
+            model(tokens[:, :16], state)
+            logits = torch.cat([model(tokens[:, i : i + 1], state) for i in range(16, 40)], dim=1)
+        finally:
+            model.fast_decode = True
+        results[fast] = (logits, state.k[..., :40].float(), state.v[:, :, :, :40].float())
+    (slow_logits, slow_k, slow_v), (fast_logits, fast_k, fast_v) = results[False], results[True]
+    if mode == "fp32":
+        torch.testing.assert_close(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast_k, slow_k, atol=1e-5, rtol=1e-5)
+    else:
+        assert (fast_logits - slow_logits).abs().max() <= 0.01 * slow_logits.abs().max()
+        assert (fast_logits.argmax(-1) == slow_logits.argmax(-1)).float().mean() >= 0.95
+        assert (fast_k - slow_k).abs().max() <= 0.02 * slow_k.abs().max()
+    torch.testing.assert_close(fast_v, slow_v, atol=0.02 * float(slow_v.abs().max()), rtol=0)
