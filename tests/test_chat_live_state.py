@@ -143,3 +143,26 @@ def test_a_state_that_cannot_be_rewound_falls_back_to_the_disk_cache(tmp_path_fa
     assert report["live_tokens"] == 0 and "cannot be rewound" in report["live_miss"]
     assert report["reused_tokens"] == progress[0].done > 0 and report["bytes_loaded"] > 0  # from disk instead
     assert done.text == run(loaded, other, params, settings=CacheSettings(enabled=False))[0].text
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_mini_second_turn_prefills_only_its_new_tokens():
+    import engine
+    from tests.tinymodels import real_model_gguf
+
+    path = real_model_gguf()
+    if path is None:
+        pytest.skip("the real model is not installed")
+    loaded = engine.load(str(path))
+    source = "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(40))
+    params = SamplingParams(max_tokens=16, repetition_penalty=1.1)
+    live = LiveState()
+    first_prompt = loaded.tokenizer.render_chat(conversation((source + "\n\nWhat does step_3 return?", None)))
+    first, _ = run(loaded, first_prompt, params, settings=CacheSettings(enabled=False), live=live)
+    second_prompt = loaded.tokenizer.render_chat(conversation((source + "\n\nWhat does step_3 return?", first.text), ("And step_7?", None)))
+    second, progress = run(loaded, second_prompt, params, settings=CacheSettings(enabled=False), live=live)
+    kept = second.extra["cache"]["live_tokens"]
+    assert kept >= len(first_prompt) and progress[0].done == kept
+    assert second.extra["cache"]["prefilled_tokens"] == len(second_prompt) - kept < 40
+    assert second.text == run(loaded, second_prompt, params, settings=CacheSettings(enabled=False))[0].text
