@@ -95,8 +95,9 @@ class Backend:
         return open_local(name)
 
 
-def open_backend(model: str, url: str | None) -> Backend:
-    return _open_remote(url, model) if url else open_local(model)
+def open_backend(model: str, url: str | None, *, deadline: float | None = None) -> Backend:
+    """`deadline` (time.monotonic()) bounds a server's answer to the model list."""
+    return _open_remote(url, model, deadline=deadline) if url else open_local(model)
 
 
 def open_local(model: str) -> Backend:
@@ -105,10 +106,11 @@ def open_local(model: str) -> Backend:
     return Backend(*ask_command._open_model(model))
 
 
-def _open_remote(url: str, model: str, *, exact: bool = False) -> Backend:
+def _open_remote(url: str, model: str, *, exact: bool = False, deadline: float | None = None) -> Backend:
     from dsv4cli.config import load_settings
 
     configured_key = load_settings(warn=lambda message: None)["api_key"]
     with render.working(f"connecting to {url}"):
-        client = remote.open_remote(url, model, configured_key=configured_key, note=render.note, exact=exact)
+        client = remote.open_remote(url, model, configured_key=configured_key, note=render.note, exact=exact,
+                                    deadline=deadline)
     return Backend(client.name, client, url)

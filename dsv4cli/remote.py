@@ -132,9 +132,9 @@ class RemoteModel:
 
     # ---------------------------------------------------------------- discovery
 
-    def served_models(self) -> list[dict[str, Any]]:
+    def served_models(self, deadline: float | None = None) -> list[dict[str, Any]]:
         """GET /models: the ids (and context lengths, where the server gives them)."""
-        response, connection = self._request("GET", "/models", None)
+        response, connection = self._request("GET", "/models", None, deadline)
         try:
             body = _read_json(response, self.endpoint)
         finally:
@@ -378,12 +378,12 @@ def _unreachable(endpoint: Endpoint, exc: BaseException) -> EngineError:
 
 
 def open_remote(url: str, requested_model: str, *, configured_key: str | None = None, note: Callable[[str], None] | None = None,
-                exact: bool = False) -> RemoteModel:
+                exact: bool = False, deadline: float | None = None) -> RemoteModel:
     """Connect to the backend and pick the model: the one asked for when the server has it,
     else the server's first (a default `mini` means nothing to a remote server); with
     `exact` (chat's /model NAME) a model the server does not list is an error."""
     client = RemoteModel(url, requested_model, api_key=api_key_from_environment(configured_key))
-    entries = client.served_models()
+    entries = client.served_models(deadline)
     ids = [entry["id"] for entry in entries]
     if exact and requested_model not in ids:
         raise EngineError(f"{client.endpoint.url} has no model {requested_model!r}", f"it serves: {', '.join(ids) or 'nothing'}")

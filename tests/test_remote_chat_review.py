@@ -117,7 +117,7 @@ def stalling_server():
     """Lists a model, then answers a chat request with nothing (or with a first line, then
     nothing) until the test ends: a server that stalls."""
     release = threading.Event()
-    behaviour = {"first_line": b""}
+    behaviour = {"first_line": b"", "stall_models": False}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -126,6 +126,9 @@ def stalling_server():
             pass
 
         def do_GET(self) -> None:
+            if behaviour["stall_models"]:
+                release.wait(30)
+                return
             body = json.dumps({"object": "list", "data": [{"id": "stuck", "object": "model", "max_model_len": 8192}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -288,6 +291,17 @@ def test_review_timeout_bounds_a_server_that_never_answers(repo, stalling_server
     captured = capsys.readouterr()
     payload = json.loads(captured.out)
     assert payload["timed_out"] is True and payload["findings"] == [] and payload["failed"] is False
+    assert "stopped at the --timeout of 1 s" in captured.err
+
+
+def test_review_timeout_bounds_a_server_that_does_not_even_list_its_models(repo, stalling_server, capsys):
+    url, behaviour = stalling_server
+    behaviour["stall_models"] = True
+    started = time.monotonic()
+    assert main(["review", "--staged", "--backend", url, "--no-log", "--json", "--timeout", "1"]) == 0
+    assert time.monotonic() - started < 5
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["timed_out"] is True
     assert "stopped at the --timeout of 1 s" in captured.err
 
 

@@ -29,6 +29,7 @@ from dsv4cli import render
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError
 from dsv4cli.inputs import AskInputs
+from dsv4cli.remote import BackendTimeout
 
 SEVERITIES = ("info", "warning", "error")  # in rising order
 REVIEW_SYSTEM = (
@@ -256,7 +257,18 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         render.note(f"nothing to review: no {nothing}")
         return EXIT_OK
 
-    backend = backends.open_backend(options.model, backends.backend_url(options.backend))
+    # A server's requests run on time.monotonic(); `clock` may be a test's.
+    http_deadline = None if deadline is None else time.monotonic() + max(0.0, deadline - clock())
+    url = backends.backend_url(options.backend)
+    try:
+        backend = backends.open_backend(options.model, url, deadline=http_deadline)
+    except BackendTimeout:
+        if not _budget_spent(http_deadline):
+            raise
+        render.note(f"the review stopped at the --timeout of {options.timeout:g} s before {url} listed its models")
+        if options.json_output:
+            print(_json_report(diff, options.model, [], [], options, None, True), flush=True)
+        return EXIT_OK
     name, model = backend.name, backend.model
     question = _review_request(diff)
     messages = _fit_messages(model, name, diff, question, options)
@@ -272,7 +284,7 @@ def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.mono
         timed_out = True
     else:
         with view:
-            timed_out = _review(backend, view, messages, params, options, deadline, clock, out_of_time)
+            timed_out = _review(backend, view, messages, params, options, http_deadline, out_of_time)
     done = view.done
     timed_out = timed_out or (done is not None and done.finish_reason == "cancelled")
     answer = view.text
@@ -337,13 +349,9 @@ def _fit_messages(model: Any, name: str, diff: DiffToReview, question: str, opti
 
 
 def _review(backend: backends.Backend, view: render.AnswerView, messages: list[dict[str, str]], params: Any,
-            options: ReviewOptions, deadline: float | None, clock: Callable[[], float], out_of_time: Callable[[], bool]) -> bool:
+            options: ReviewOptions, http_deadline: float | None, out_of_time: Callable[[], bool]) -> bool:
     """Stream the review into `view` (through the prefix cache locally, so the repository's
     pack is read once); True when the time budget ran out first."""
-    from dsv4cli.remote import BackendTimeout
-
-    # The server's requests run on time.monotonic(); `clock` may be a test's.
-    http_deadline = None if deadline is None else time.monotonic() + max(0.0, deadline - clock())
     cache = backends.CacheOptions(enabled=options.cache, read_only=options.cache_read_only)
     events = backend.events(messages, params, cache=cache, cancel=out_of_time, deadline=http_deadline)
     try:
@@ -356,10 +364,14 @@ def _review(backend: backends.Backend, view: render.AnswerView, messages: list[d
     except BackendTimeout:
         # The budget, not the server's own limit, ended the request: like a local model
         # stopped by --timeout, what arrived is kept. Otherwise it is an error.
-        if http_deadline is None or time.monotonic() < http_deadline - _DEADLINE_SLACK_S:
+        if not _budget_spent(http_deadline):
             raise
         return True
     return False
+
+
+def _budget_spent(http_deadline: float | None) -> bool:
+    return http_deadline is not None and time.monotonic() >= http_deadline - _DEADLINE_SLACK_S
 
 
 def _sampling(name: str, max_tokens: int) -> Any:
