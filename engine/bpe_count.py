@@ -63,3 +63,15 @@ def fast_counter(pat_str: str, presplit: bool, id_bytes: list[bytes], non_rank_i
     if _bpecount is None or presplit or pat_str != IMPLEMENTED_PAT_STR:
         return None
     return FastCounter(id_bytes, non_rank_ids)
+
+
+def derive_table(tokens: Sequence[str], kinds: Sequence[int], merges: Sequence[str]) -> tuple[list[bytes], list[int], list[int], list[int]] | None:
+    """engine/tokenizer.py build_byte_level_table's work in C: (id_bytes, special ids, non-rank
+    ids, bytes the vocabulary lacks). None where the extension is missing, the merges fail the
+    rank = id check (the Python code then raises its error) or a text is not valid UTF-8."""
+    if _bpecount is None:
+        return None
+    try:
+        return _bpecount.derive_table(list(tokens), [int(k) for k in kinds], list(merges))
+    except UnicodeEncodeError:      # lone surrogates in a tokenizer.json: the Python code decides
+        return None

@@ -26,7 +26,7 @@ from typing import Any
 import tiktoken
 
 from engine.atomic_files import atomic_write_bytes
-from engine.bpe_count import FastCounter, fast_counter
+from engine.bpe_count import FastCounter, derive_table, fast_counter
 from engine.errors import ModelFormatError
 
 # Bump when the derived table's meaning changes, so stale cache entries are ignored.
@@ -158,14 +158,24 @@ class _Table:
 def build_byte_level_table(tokens: Sequence[str], token_types: Sequence[int], merges: Sequence[str], pat_str: str) -> _Table:
     """Derive tiktoken's rank table from a byte-level BPE vocabulary; rank = token id.
 
-    Raises ModelFormatError when rank = id would not reproduce the merge order.
+    Raises ModelFormatError when rank = id would not reproduce the merge order. The C extension
+    does the same work ~3x faster (it runs before a cold pack's first count); this Python code
+    is the reference, and raises the errors.
     """
+    derived = derive_table(tokens, token_types, merges)
+    if derived is not None:
+        id_bytes, special_ids, non_rank_ids, extra_bytes = derived
+        return _Table(pat_str, id_bytes, {tokens[i]: i for i in special_ids}, non_rank_ids, extra_bytes)
+    return build_byte_level_table_in_python(tokens, token_types, merges, pat_str)
+
+
+def build_byte_level_table_in_python(tokens: Sequence[str], token_types: Sequence[int], merges: Sequence[str], pat_str: str) -> _Table:
     id_bytes: list[bytes] = []
     special_tokens: dict[str, int] = {}
     non_rank_ids: list[int] = []
     seen: dict[bytes, int] = {}
     translation = _unicode_to_latin1_translation()
-    # token_text_to_bytes inlined: this loop runs once per token of a cold pack's first count
+    # token_text_to_bytes inlined (once per token)
     for token_id, (text, kind) in enumerate(zip(tokens, token_types)):
         if kind == TOKEN_CONTROL or kind == TOKEN_USER_DEFINED:
             special_tokens[text] = token_id

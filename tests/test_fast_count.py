@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 import re
 import sysconfig
@@ -16,11 +17,24 @@ from pathlib import Path
 import pytest
 
 from engine import bpe_count
+from engine.errors import ModelFormatError
 from engine.gen_bpecount_tables import HEADER, class_ranges, render
-from engine.tokenizer import DIGITS_PAT_STR, Tokenizer
+from engine.gguf_file import GGUFFile
+from engine.tokenizer import (
+    DIGITS_PAT_STR,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+    Tokenizer,
+    build_byte_level_table,
+    bytes_to_unicode,
+)
 from tests.tinymodels import (
     CONTROL_TOKENS,
     real_model_gguf,
+    tiny_vocab,
     write_tiny_hf_tokenizer,
     write_tiny_llama_gguf,
 )
@@ -208,3 +222,77 @@ def test_a_hugging_face_smollm_tokenizer_uses_the_c_counter(tmp_path):
     assert tokenizer._fast is not None
     texts = random_texts("hf", 150) + stdlib_sample(40)
     assert [tokenizer.count(t) for t in texts] == [len(tokenizer.encode(t)) for t in texts]
+
+
+# ---- the rank table derived in C equals the Python derivation --------------------------------
+
+
+def _both_tables(monkeypatch, tokens, kinds, merges):
+    fast = build_byte_level_table(tokens, kinds, merges, DIGITS_PAT_STR)
+    with monkeypatch.context() as patch:
+        patch.setattr(bpe_count, "_bpecount", None)
+        reference = build_byte_level_table(tokens, kinds, merges, DIGITS_PAT_STR)
+    return fast, reference
+
+
+@needs_extension
+def test_the_c_table_derivation_equals_the_python_one(monkeypatch, tmp_path):
+    vocab = tiny_vocab()
+    fast, reference = _both_tables(monkeypatch, vocab.tokens, vocab.token_types, vocab.merges)
+    assert fast == reference and fast.extra_bytes        # the tiny vocabulary lacks some bytes
+    for style in ("smollm", "deepseek"):
+        data = json.loads((write_tiny_hf_tokenizer(tmp_path / style, style=style) / "tokenizer.json").read_text())
+        model = data["model"]
+        size = max(model["vocab"].values()) + 1
+        tokens = [""] * size
+        for text, token_id in model["vocab"].items():
+            tokens[token_id] = text
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        fast, reference = _both_tables(monkeypatch, tokens, [TOKEN_NORMAL] * size, merges)
+        assert fast == reference
+
+
+@needs_extension
+@pytest.mark.model
+def test_the_c_table_derivation_equals_the_python_one_for_the_real_vocabulary(monkeypatch):
+    path = real_model_gguf()
+    if path is None:
+        pytest.skip("the real embedded model is not installed")
+    spec = GGUFFile(path).tokenizer_spec()
+    fast, reference = _both_tables(monkeypatch, spec.tokens, spec.token_types, spec.merges)
+    assert fast == reference
+
+
+@needs_extension
+def test_the_c_table_derivation_handles_odd_vocabularies_as_python_does(monkeypatch):
+    """Duplicates, empty and unspellable texts, unknown/unused/control/user-defined kinds, a
+    control token spelled like a normal one, and a multi-byte token no merge produces."""
+    byte_chars = bytes_to_unicode()
+    base = [byte_chars[b] for b in range(256) if b not in (0x41, 0xF5)]      # "A" and 0xF5 missing
+    tokens = base + ["ab", "zz", "ab", "abc", "", "", "€", "<|x|>", "zz", "q\u0100", "Ġt", "ĠtĠ", "<u>"]
+    kinds = [TOKEN_NORMAL] * len(base) + [TOKEN_NORMAL, TOKEN_NORMAL, TOKEN_NORMAL, TOKEN_NORMAL, TOKEN_NORMAL,
+                                          TOKEN_NORMAL, TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_CONTROL, TOKEN_UNUSED,
+                                          TOKEN_NORMAL, TOKEN_NORMAL, TOKEN_USER_DEFINED]
+    kinds[5] = TOKEN_UNKNOWN
+    merges = ["a b", "ab c", "Ġ t", "Ġt Ġ"]
+    fast, reference = _both_tables(monkeypatch, tokens, kinds, merges)
+    assert fast == reference
+    assert 0x41 in fast.extra_bytes and 0xF5 in fast.extra_bytes
+    assert fast.special_tokens == {"<|x|>": len(base) + 7, "zz": len(base) + 8, "<u>": len(base) + 12}
+    assert len(base) + 1 in fast.non_rank_ids and len(base) + 2 in fast.non_rank_ids   # "zz": no merge makes it; "ab" twice
+
+
+@needs_extension
+@pytest.mark.parametrize("merges", [["ab"], ["a "], [" b"], ["a x"], ["x b"], ["ab c", "a b"], ["a b", "a b"], ["a <s>"]])
+def test_merges_the_c_check_rejects_are_explained_by_python(merges):
+    byte_chars = bytes_to_unicode()
+    tokens = [byte_chars[b] for b in range(256)] + ["ab", "abc", "a<s>", "<s>"]
+    kinds = [TOKEN_NORMAL] * 259 + [TOKEN_CONTROL]
+    if merges == ["a <s>"]:
+        tokens[-2], kinds[-2] = "<s>", TOKEN_NORMAL       # merged text is also a control token's
+        kinds[-1] = TOKEN_NORMAL
+        tokens[-1] = "a<s>"
+        kinds[-1] = TOKEN_CONTROL
+    assert bpe_count.derive_table(tokens, kinds, merges) is None
+    with pytest.raises(ModelFormatError):
+        build_byte_level_table(tokens, kinds, merges, DIGITS_PAT_STR)
