@@ -150,7 +150,7 @@ class Block(nn.Module):
 @dataclass(frozen=True)
 class _DecodeLayer:
     """One block's weights as the decode step uses them: bare kernels, norm weights
-    pre-scaled by sqrt(E) (see _rms_norm_into)."""
+    pre-scaled by sqrt(E) (see _StepNorm)."""
 
     attn_norm: Tensor
     wqkv: Callable[[Tensor], Tensor]
@@ -160,14 +160,23 @@ class _DecodeLayer:
     w_down: Callable[[Tensor], Tensor]
 
 
-def _rms_norm_into(x: Tensor, weight_sqrt_e: Tensor, eps_e: float, sum_sq: Tensor, tmp: Tensor, out: Tensor) -> Tensor:
-    """RMSNorm of x [B, E] fp32 written to `out` (any float dtype) in five ops, where
-    F.rms_norm takes seven plus a cast: x * rsqrt(sum(x^2) + E eps) * (w sqrt(E)) is
-    x * rsqrt(mean(x^2) + eps) * w. sum_sq [B] and tmp [B, E] fp32 are scratch."""
-    torch.linalg.vecdot(x, x, out=sum_sq)
-    sum_sq.add_(eps_e).rsqrt_()
-    torch.mul(x, sum_sq.unsqueeze(-1), out=tmp)
-    return torch.mul(tmp, weight_sqrt_e, out=out)
+class _StepNorm:
+    """RMSNorm for _decode_step: x [B, E] fp32 -> a reused [B, E] buffer in the layers'
+    dtype, in four ops where F.rms_norm takes seven plus a cast. Computes
+    x * rsqrt(sum(x^2) + E eps) * (w sqrt(E)), which is x * rsqrt(mean(x^2) + eps) * w,
+    with weights pre-scaled by sqrt(E) (_DecodeLayer)."""
+
+    def __init__(self, batch: int, dim: int, eps: float, dtype: torch.dtype):
+        self.eps_e = torch.tensor(eps * dim)  # a Python float would cost a conversion per call
+        self.sum_sq = torch.empty(batch)
+        self.sum_sq_column = self.sum_sq.view(batch, 1)
+        self.scaled = torch.empty(batch, dim)
+        self.out = torch.empty(batch, dim, dtype=dtype)
+
+    def __call__(self, x: Tensor, weight_sqrt_e: Tensor) -> Tensor:
+        torch.linalg.vecdot(x, x, out=self.sum_sq).add_(self.eps_e).rsqrt_()
+        torch.mul(x, self.sum_sq_column, out=self.scaled)
+        return torch.mul(self.scaled, weight_sqrt_e, out=self.out)
 
 
 class Llama(nn.Module):
@@ -261,12 +270,10 @@ class Llama(nn.Module):
         start, end = state.length, state.length + 1
         layers = self._decode_plan()
         dtype = self.cache_dtype
-        eps_e = a.norm_eps * E
 
         x = self.embedding.rows(tokens.reshape(-1))  # [B, E] fp32
         rope = self.rope[start] * self.head_scale.view(-1, 1)  # [H + Hkv, D/2]
-        sum_sq, normed32 = torch.empty(B), torch.empty(B, E)
-        normed = torch.empty(B, E, dtype=dtype)
+        norm = _StepNorm(B, E, a.norm_eps, dtype)
         qkv32 = torch.empty(B, H + 2 * Hkv, D // 2, 2)
         qkv32_flat = qkv32.view(B, -1)
         qk_complex = torch.view_as_complex(qkv32)[:, : H + Hkv]
@@ -274,7 +281,6 @@ class Llama(nn.Module):
         q = torch.empty(B * Hkv, G, D, dtype=dtype)  # query heads grouped by the KV head they read
         q_heads = q.view(B, H, D)
         scores = torch.empty(B * Hkv, G, end, dtype=dtype)
-        probs = torch.empty(B * Hkv, G, end, dtype=dtype)
         attended = torch.empty(B * Hkv, G, D, dtype=dtype)
         attended_rows = attended.view(B, H * D)
         gate_up = torch.empty(B, 2 * Fh)
@@ -287,18 +293,16 @@ class Llama(nn.Module):
         v_seen = state.v.narrow(3, 0, end).view(n_layers, B * Hkv, end, D).unbind(0)
 
         for layer, k_slot, v_slot, keys_t, values in zip(layers, k_slots, v_slots, k_seen, v_seen):
-            _rms_norm_into(x, layer.attn_norm, eps_e, sum_sq, normed32, normed)
-            qkv32_flat.copy_(layer.wqkv(normed))
+            qkv32_flat.copy_(layer.wqkv(norm(x, layer.attn_norm)))
             torch.mul(qk_complex, rope, out=qk_complex)
             q_heads.copy_(q_rotated)
             k_slot.copy_(k_rotated)
             v_slot.copy_(v_new)
             torch.bmm(q, keys_t, out=scores)
-            probs.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
-            torch.bmm(probs, values, out=attended)
+            # bf16 in and out, fp32 inside: equal to the general path's fp32 softmax and cast.
+            torch.bmm(torch.softmax(scores, dim=-1), values, out=attended)
             x.add_(layer.wo(attended_rows))
-            _rms_norm_into(x, layer.ffn_norm, eps_e, sum_sq, normed32, normed)
-            gate_up.copy_(layer.w_gate_up(normed))
+            gate_up.copy_(layer.w_gate_up(norm(x, layer.ffn_norm)))
             F.silu(gate, inplace=True)  # in fp32, as FeedForward does
             x.add_(layer.w_down(torch.mul(gate, up, out=hidden)))
         return x

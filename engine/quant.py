@@ -317,6 +317,17 @@ class Int4Linear(QuantLinear):
         return "int4", {"packed": self.packed, "scale_zeros": self.scale_zeros, "nibbles": self.nibbles, "scale_min": self.scale_min}
 
     @classmethod
+    def stacked(cls, parts: list["Int4Linear"]) -> "Int4Linear":
+        """One layer whose output rows are the parts' rows in order (the kernel's pack keeps
+        output rows apart, so packs concatenate): converts a big matrix a row chunk at a time."""
+        return cls.from_exported(
+            torch.cat([p.packed for p in parts]),
+            torch.cat([p.scale_zeros for p in parts], dim=1),
+            torch.cat([p.nibbles for p in parts]),
+            torch.cat([p.scale_min for p in parts], dim=1),
+        )
+
+    @classmethod
     def from_exported(cls, packed: Tensor, scale_zeros: Tensor, nibbles: Tensor, scale_min: Tensor) -> "Int4Linear":
         """A layer from the buffers `exported` returned (no repacking): the weights cache."""
         n, groups, half = nibbles.shape

@@ -12,7 +12,8 @@ import torch
 from engine.errors import EngineError, ModelFormatError
 from engine.gguf_file import GGUFFile
 from engine.gguf_weights import MODES, build_llama
-from tests.tinymodels import tiny_llama_weights, write_tiny_llama_gguf
+from engine.quant import Int4Linear
+from tests.tinymodels import tiny_llama_weights, tiny_vocab, write_tiny_llama_gguf
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128)
 
@@ -296,3 +297,38 @@ def test_fast_decode_step_equals_the_general_path(models, quant, mode, batch):
         assert (fast_logits.argmax(-1) == slow_logits.argmax(-1)).float().mean() >= 0.95
         assert (fast_k - slow_k).abs().max() <= 0.02 * slow_k.abs().max()
     torch.testing.assert_close(fast_v, slow_v, atol=0.02 * float(slow_v.abs().max()), rtol=0)
+
+
+def test_int4_decode_head_is_coarse_but_keeps_the_refined_top(tmp_path):
+    """int4 mode computes decode logits with an int4 head (the kernel needs a vocabulary that
+    is a multiple of 16: 560 here), then recomputes the top 32 exactly: the greedy tokens
+    and the refined top logits equal the int8 head's; prefill keeps the int8 head. The
+    weights cache round trip keeps the int4 head bit for bit."""
+    path = write_tiny_llama_gguf(tmp_path / "tiny-560.gguf", quant="Q4_1", vocab=tiny_vocab(312), **TINY)
+    model = build_llama(GGUFFile(path), "int4", use_cache=False)
+    assert isinstance(model.head_few_rows, Int4Linear) and model.head_few_rows.out_features == 560
+    tokens = _tokens(40, seed=11, vocab=560)
+    state = model.new_state()
+    model(tokens[:, :16], state)
+    int4_head = model.head_few_rows
+
+    def decode(head) -> torch.Tensor:
+        model.head_few_rows = head
+        try:
+            state.length = 16
+            return torch.cat([model(tokens[:, i : i + 1], state) for i in range(16, 40)], dim=1)
+        finally:
+            model.head_few_rows = int4_head
+
+    coarse, int8 = decode(int4_head), decode(None)
+    assert torch.equal(coarse.argmax(-1), int8.argmax(-1))
+    top = int8.topk(4, dim=-1)
+    torch.testing.assert_close(coarse.gather(-1, top.indices), top.values, atol=0, rtol=0)
+    assert not torch.equal(coarse, int8)  # the tail really is the coarse pass
+    cached = build_llama(GGUFFile(path), "int4")  # converts and writes the cache entry
+    reread = build_llama(GGUFFile(path), "int4")
+    assert torch.equal(reread.head_few_rows.packed, int4_head.packed)
+    states = cached.new_state(), reread.new_state()
+    cached(tokens[:, :16], states[0])
+    reread(tokens[:, :16], states[1])
+    assert torch.equal(reread(tokens[:, 16:17], states[1]), cached(tokens[:, 16:17], states[0]))
