@@ -1,7 +1,10 @@
-"""DeepSeek-V4's prompt format around tools (spec §6): what the spec pins down is encoded
-(tool results inside a user turn, reasoning kept after them in thinking mode), what it only
-names (the Tools section, the DSML tool-call block) is refused with a clear error rather
-than dropped. Rendered through the tiny checkpoint's real tokenizer."""
+"""DeepSeek-V4's prompt format around tools (spec §6), checked against DeepSeek's
+`encoding_dsv4.py` (annotated copy supermy/ds4rs : encoding/encoding_dsv4.py; vision variant
+sfxnz/DeepSeek-V4-Flash-Vision-Exp-vLLM-2x-DGX-Spark : encoding/encoding_dsv4.py):
+`merge_tool_messages` folds tool results and user messages that follow each other into one
+user turn joined by "\n\n", and that turn counts as the last user turn for dropping reasoning.
+The Tools section and the DSML tool-call block are refused with a clear error rather than
+dropped. Rendered through the tiny checkpoint's real tokenizer."""
 
 from __future__ import annotations
 
@@ -33,23 +36,34 @@ TOOL_EXCHANGE = [
 def test_tool_results_share_one_user_turn_and_the_model_answers_after_them(tokenizer):
     assert tokenizer.render_chat_text(TOOL_EXCHANGE) == (
         f"{BOS}Use the tools.{USER}Weather in Paris?{ASSISTANT}</think>Looking it up.{EOS}"
-        f'{USER}<tool_result>{{"temp": 21}}</tool_result><tool_result>{{"sky": "clear"}}</tool_result>'
+        f'{USER}<tool_result>{{"temp": 21}}</tool_result>\n\n<tool_result>{{"sky": "clear"}}</tool_result>'
         f"{ASSISTANT}</think>"
     )
 
 
-def test_thinking_mode_keeps_the_reasoning_of_turns_within_the_tool_exchange(tokenizer):
-    # The assistant turn sits after the last real user message, so its reasoning stays,
-    # and the model reasons again after the tool results.
+def test_a_user_message_after_tool_results_joins_their_turn(tokenizer):
+    # merge_tool_messages appends a user message's text block to a preceding user turn
+    # (tool results included); consecutive user messages merge the same way.
+    messages = TOOL_EXCHANGE + [{"role": "user", "content": "And tomorrow?"}]
+    assert tokenizer.render_chat_text(messages).endswith(
+        f'{USER}<tool_result>{{"temp": 21}}</tool_result>\n\n<tool_result>{{"sky": "clear"}}</tool_result>'
+        f"\n\nAnd tomorrow?{ASSISTANT}</think>"
+    )
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert tokenizer.render_chat_text(two_users) == f"{BOS}{USER}a\n\nb{ASSISTANT}</think>"
+
+
+def test_thinking_mode_treats_tool_results_as_the_last_user_turn(tokenizer):
+    # find_last_user_index sees the merged tool-result turn as a user turn: the assistant
+    # turn before it is history (reasoning dropped, `</think>`), and the model reasons anew.
     assert tokenizer.render_chat_text(TOOL_EXCHANGE, thinking=True) == (
-        f"{BOS}Use the tools.{USER}Weather in Paris?{ASSISTANT}<think>I need the weather tool.</think>Looking it up.{EOS}"
-        f'{USER}<tool_result>{{"temp": 21}}</tool_result><tool_result>{{"sky": "clear"}}</tool_result>'
+        f"{BOS}Use the tools.{USER}Weather in Paris?{ASSISTANT}</think>Looking it up.{EOS}"
+        f'{USER}<tool_result>{{"temp": 21}}</tool_result>\n\n<tool_result>{{"sky": "clear"}}</tool_result>'
         f"{ASSISTANT}<think>"
     )
-    # A new user message ends the exchange: the earlier reasoning is dropped.
-    later = TOOL_EXCHANGE + [{"role": "assistant", "content": "21 and clear."}, {"role": "user", "content": "Thanks"}]
-    text = tokenizer.render_chat_text(later, thinking=True)
-    assert "I need the weather tool." not in text and text.endswith(f"{USER}Thanks{ASSISTANT}<think>")
+    answered = TOOL_EXCHANGE + [{"role": "assistant", "content": "21 and clear.", "reasoning_content": "done"}]
+    text = tokenizer.render_chat_text(answered, add_generation_prompt=False, thinking=True)
+    assert "I need the weather tool." not in text and text.endswith(f"{ASSISTANT}<think>done</think>21 and clear.{EOS}")
 
 
 def test_tool_result_text_stays_text(tokenizer):

@@ -176,7 +176,7 @@ def test_tool_results_sit_inside_one_user_turn(loaded):
         {"role": "tool", "content": "r2"},
     ]
     assert loaded.tokenizer.render_chat_text(messages).endswith(
-        f"{EOS}{USER}<tool_result>r1</tool_result><tool_result>r2</tool_result>{ASSISTANT}</think>"
+        f"{EOS}{USER}<tool_result>r1</tool_result>\n\n<tool_result>r2</tool_result>{ASSISTANT}</think>"
     )
 
 

@@ -12,13 +12,15 @@ the prefix cache's fingerprint like any other model's template.
     <｜Assistant｜><think>{reasoning}</think>{answer}<｜end▁of▁sentence｜>  thinking mode, after the last user turn
     generation prompt: <｜Assistant｜></think> (chat) or <｜Assistant｜><think> (thinking=True)
 
-Tools, as far as spec §6 pins them down:
-- Tool results (role "tool") go inside a user turn as <tool_result>…</tool_result>;
-  consecutive results share one turn (our reading of "inside a user turn"). A real user
-  message after them opens a turn of its own (unsure: the official encoder may merge them).
-- An assistant turn after tool results, still after the last real user message, keeps its
-  reasoning in thinking mode like any turn after that message (the tool results are part
-  of the same exchange).
+User turns and tool results follow DeepSeek's `encoding_dsv4.py` (read in the annotated copy
+supermy/ds4rs : encoding/encoding_dsv4.py and the vision variant
+sfxnz/DeepSeek-V4-Flash-Vision-Exp-vLLM-2x-DGX-Spark : encoding/encoding_dsv4.py):
+- There is no tool role: `merge_tool_messages` turns each tool result into a
+  <tool_result>…</tool_result> block of a user turn, and a run of consecutive user and tool
+  messages becomes ONE user turn whose blocks are joined by "\n\n".
+- Such a merged turn counts as a user turn when finding the last one, so in thinking mode
+  (without tools, i.e. with drop_thinking) an assistant turn before tool results loses its
+  reasoning, and the model reasons again after them.
 Not encoded, because the spec names them without their text: the Tools section appended to
 the system prompt (`tools=`), and the `<｜DSML｜tool_calls>` block of an assistant turn that
 calls tools (`tool_calls` on a message). Both are refused with an error instead of being
@@ -52,15 +54,14 @@ _NO_TOOL_CALLS = repr("assistant tool_calls are not supported in DeepSeek-V4's p
 CHAT_TEMPLATE = "".join(
     [
         "{% set ns = namespace(last_user=-1) %}",
-        "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}",
+        "{% for m in messages %}{% if m['role'] in ('user', 'tool') %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}",
         "{% if tools %}{{ raise_exception(" + _NO_TOOLS + ") }}{% endif %}",
         "{{ bos_token }}",
         "{% for m in messages %}",
         "{% if m['role'] == 'system' %}{{ m['content'] }}",
-        "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}",
-        "{% elif m['role'] == 'tool' %}",
-        "{% if loop.first or loop.previtem['role'] != 'tool' %}" + USER + "{% endif %}",
-        "<tool_result>{{ m['content'] }}</tool_result>",
+        "{% elif m['role'] in ('user', 'tool') %}",
+        "{% if loop.first or loop.previtem['role'] not in ('user', 'tool') %}" + USER + "{% else %}{{ '\\n\\n' }}{% endif %}",
+        "{% if m['role'] == 'user' %}{{ m['content'] }}{% else %}<tool_result>{{ m['content'] }}</tool_result>{% endif %}",
         "{% elif m['role'] == 'assistant' %}",
         "{% if m.get('tool_calls') %}{{ raise_exception(" + _NO_TOOL_CALLS + ") }}{% endif %}" + ASSISTANT,
         "{% if thinking and loop.index0 > ns.last_user %}" + THINK + "{{ m.get('reasoning_content') or '' }}" + END_THINK,
