@@ -252,21 +252,6 @@ def test_loaded_turns_are_logged_with_the_next_one(fake, monkeypatch, capsys, tm
 # ---------------------------------------------------------------- --think
 
 
-def test_think_splitter_handles_tags_cut_across_deltas():
-    splitter = chat_command.ThinkSplitter(thinking=True)
-    pieces = []
-    for delta in ["Let me", " see.</th", "ink>It is", " 42.<", "think>more</think>!"]:
-        pieces += splitter.feed(delta)
-    pieces += splitter.flush()
-    reasoning = "".join(text for is_reasoning, text in pieces if is_reasoning)
-    answer = "".join(text for is_reasoning, text in pieces if not is_reasoning)
-    assert (reasoning, answer) == ("Let me see.more", "It is 42.!")
-    # outside thinking mode a "<" that may start a tag waits for the next delta, then is text
-    plain = chat_command.ThinkSplitter(thinking=False)
-    assert plain.feed("a <") == [(False, "a ")]
-    assert plain.feed(" b") + plain.flush() == [(False, "< b")]
-
-
 def test_think_shows_reasoning_apart_from_the_answer(fake, monkeypatch, capsys):
     fake.answer = ("Hmm, greet", " says hi.</think>", "It says hello.")
     assert _chat(monkeypatch, "what?\n", "--think", "--model", "flash") == 0
@@ -276,6 +261,18 @@ def test_think_shows_reasoning_apart_from_the_answer(fake, monkeypatch, capsys):
     with LogStore() as store:
         [summary] = store.list_conversations()
         assert store.get_conversation(summary.id).exchanges[0].answer == "It says hello."
+
+
+def test_think_keeps_only_the_answer_in_the_next_turns_history(fake, monkeypatch, capsys):
+    # DeepSeek-V4's format drops an earlier turn's reasoning, so the conversation holds answers only.
+    fake.answer = ("Weigh it.", "</think>", "Forty-two.")
+    assert _chat(monkeypatch, "first?\nsecond?\n", "--think", "--model", "flash", "--system", "") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Forty-two.\n" * 2
+    assert captured.err.count("Weigh it.") == 2
+    second = fake.calls[1].messages
+    assert second == [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "Forty-two."},
+                      {"role": "user", "content": "second?"}]
 
 
 def test_think_without_an_end_tag_still_prints_an_answer(fake, monkeypatch, capsys):

@@ -14,7 +14,6 @@ whole conversation is sent each turn and the server's prefix cache does the same
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +33,6 @@ from engine.events import Done, Event, SamplingParams, TextDelta
 
 # The pack takes at most this share of what the context leaves; the rest holds the turns.
 PACK_SHARE = 0.75
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-THINKING_MODELS = ("flash", "pro")
 HELP = """\
 /clear          forget the turns (the packed sources stay)
 /save FILE      save the conversation (.md: Markdown, otherwise JSON)
@@ -118,56 +115,6 @@ class ChatSession:
         return cls(data.get("system"), data.get("context"), turns)
 
 
-class ThinkSplitter:
-    """Splits streamed text into reasoning and answer on `<think>`/`</think>`, tags that may
-    arrive cut across deltas. In thinking mode the prompt already ends with `<think>`
-    (DeepSeek-V4), so the reply starts inside the reasoning."""
-
-    def __init__(self, thinking: bool):
-        self.thinking = thinking
-        self.reasoning = ""  # all reasoning text so far
-        self._pending = ""
-
-    def feed(self, text: str) -> list[tuple[bool, str]]:
-        """(is_reasoning, text) pieces, in order; a possible tag prefix is held back."""
-        pieces = self._split(text)
-        self.reasoning += "".join(piece for is_reasoning, piece in pieces if is_reasoning)
-        return pieces
-
-    def _split(self, text: str) -> list[tuple[bool, str]]:
-        self._pending += text
-        pieces: list[tuple[bool, str]] = []
-        while self._pending:
-            tag = THINK_CLOSE if self.thinking else THINK_OPEN
-            at = self._pending.find(tag)
-            if at >= 0:
-                if at:
-                    pieces.append((self.thinking, self._pending[:at]))
-                self._pending = self._pending[at + len(tag):]
-                self.thinking = not self.thinking
-                continue
-            keep = _partial_tag_length(self._pending, tag)
-            ready = self._pending[: len(self._pending) - keep]
-            if ready:
-                pieces.append((self.thinking, ready))
-            self._pending = self._pending[len(ready):]
-            break
-        return pieces
-
-    def flush(self) -> list[tuple[bool, str]]:
-        rest, self._pending = self._pending, ""
-        if rest and self.thinking:
-            self.reasoning += rest
-        return [(self.thinking, rest)] if rest else []
-
-
-def _partial_tag_length(text: str, tag: str) -> int:
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:length]):
-            return length
-    return 0
-
-
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat(
@@ -183,8 +130,9 @@ def register(app: typer.Typer) -> None:
         no_log: bool = typer.Option(False, "--no-log", help="Keep this conversation out of the log."),
         think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed, apart from the answer."),
         backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL",
-            help="OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1.",
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
+            help="OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
+                 "'local' forces the embedded engine over a configured URL.",
         ),
     ) -> int:
         """Talk with a model about files: the SOURCEs are packed once, each turn reuses the cached prefix.
@@ -286,10 +234,10 @@ class _Chat:
         return ask_command._pack(inputs, pack_options, tokenizer, budget, context, self.name).text
 
     def _thinking(self) -> bool:
-        return self.options.think and self.name in THINKING_MODELS
+        return self.options.think and ask_command.thinking_supported(self.name, self.model)
 
     def _warn_about_think(self) -> None:
-        if self.options.think and self.name not in THINKING_MODELS:
+        if self.options.think and not self._thinking():
             render.note(f"--think: {self.name} has no thinking mode; it answers directly")
 
     # ---- the loop
@@ -368,8 +316,10 @@ class _Chat:
         )
         started = time.monotonic()
         mode: render.AnswerMode = "markdown" if stdout_is_terminal() else "plain"
-        view = render.AnswerView(mode, self.name)
-        splitter = ThinkSplitter(thinking)
+        # Thinking mode: the view shows the reasoning dimmed on stderr and keeps only the answer
+        # in view.text, which is all the history keeps: DeepSeek-V4's format drops an earlier
+        # turn's reasoning (its assistant turn is `</think>` + answer, deepseek-v4.md §6).
+        view = render.AnswerView(mode, self.name, thinking=thinking)
         answer_tokens = 0
         interrupted = False
         with view, _ctrl_c_cancels(enabled=self._cancellable()) as cancel:
@@ -379,19 +329,7 @@ class _Chat:
                     for event in events:
                         if isinstance(event, TextDelta):
                             answer_tokens = event.completion_tokens
-                            for reasoning, text in splitter.feed(event.text):
-                                self._show(view, reasoning, text, answer_tokens)
-                        elif isinstance(event, Done):
-                            for reasoning, text in splitter.flush():
-                                self._show(view, reasoning, text, answer_tokens)
-                            if thinking and splitter.thinking and not view.text and splitter.reasoning:
-                                # No end of reasoning came through (a text stream without the
-                                # `</think>` tag): the payload must not be empty, so it is all answer.
-                                render.note("no end of the reasoning was seen; all of it is taken as the answer")
-                                view.handle(TextDelta(splitter.reasoning, answer_tokens))
-                            view.handle(dataclasses.replace(event, text=view.text))
-                        else:
-                            view.handle(event)
+                        view.handle(event)
             except KeyboardInterrupt:
                 interrupted = True
         interrupted = interrupted or cancel()
@@ -427,12 +365,6 @@ class _Chat:
 
     def _cancellable(self) -> bool:
         return self.backend.cancellable
-
-    def _show(self, view: render.AnswerView, reasoning: bool, text: str, tokens: int) -> None:
-        if reasoning:
-            err().print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
-        else:
-            view.handle(TextDelta(text, tokens))
 
     def _log(self, done: Done | None, elapsed_s: float) -> None:
         if not self.options.log:
