@@ -183,3 +183,33 @@ def test_on_a_terminal_the_reasoning_streams_in_the_status_region_then_stays_dim
     assert out.getvalue() == f"{ANSWER}\n"
     shown = err.getvalue()
     assert "\x1b[2mstep one\x1b[0m\n\x1b[2mstep two\x1b[0m\n" in shown  # printed whole, dimmed, above the answer
+
+
+class PipedStdin(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_chat_think_on_the_tiny_checkpoint_keeps_each_turns_reasoning_out_of_the_next_prompt(loaded, monkeypatch, capsys):
+    """Two turns through the real generation loop: each shows its reasoning on stderr and its
+    answer on stdout, and the second prompt carries the first turn as `</think>` + answer only."""
+    tokenizer = loaded.tokenizer
+    scripted = copy.copy(loaded)
+    scripted.model = ScriptedReply(loaded.model, reply_ids(tokenizer) * 2)
+    rendered: list[str] = []
+    real_render = tokenizer.render_chat
+
+    def render_chat(messages, *args, **kwargs):
+        rendered.append(tokenizer.render_chat_text(messages, *args, **kwargs))
+        return real_render(messages, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "render_chat", render_chat)
+    monkeypatch.setattr(ask_command, "_open_model", lambda name: (loaded.name, scripted))
+    monkeypatch.setattr(sys, "stdin", PipedStdin("2+2?\nAnd 3+3?\n"))
+    assert main(["chat", "--model", "ignored", "--think", "--no-cache", "--no-log", "--system", ""]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{ANSWER}\n" * 2
+    assert captured.err.count(REASONING) == 2
+    second = rendered[-1]
+    assert second.endswith("<｜Assistant｜><think>") and "2+2?<｜Assistant｜></think>" + ANSWER in second
+    assert REASONING not in second
