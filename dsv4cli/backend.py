@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsv4cli import remote, render
+from dsv4cli.errors import EXIT_USAGE, CliError
 from engine.events import Event, SamplingParams
 
 
@@ -24,11 +25,25 @@ class CacheOptions:
     cap: str | None = None
 
 
+# `--backend` words that mean the embedded engine: `local` forces it over a URL in the config
+# file or DSV4_BACKEND; the config file's device words (auto, cpu, cuda) mean it too.
+LOCAL = "local"
+LOCAL_WORDS = (LOCAL, "auto", "cpu", "cuda")
+
+
 def backend_url(option: str | None) -> str | None:
-    """The server to use: --backend (or DSV4_BACKEND), else `backend` in the config file when
-    it is a URL (its other values, auto/cpu/cuda, choose the local device)."""
-    if option:
-        return option if remote.is_backend_url(option) else None
+    """The server to use, None for the embedded engine: --backend (or DSV4_BACKEND) when given,
+    else `backend` in the config file when it is a URL. A word other than a URL or one of
+    LOCAL_WORDS is a usage error, not a silent fallback to the local engine."""
+    if option is not None and option.strip():
+        option = option.strip()
+        if remote.is_backend_url(option):
+            return option
+        if option.lower() in LOCAL_WORDS:
+            return None
+        raise CliError(f"--backend must be an http(s) URL or '{LOCAL}', not {option!r}",
+                       "e.g. --backend http://127.0.0.1:8000/v1, or --backend local for the embedded engine",
+                       exit_code=EXIT_USAGE)
     from dsv4cli.config import load_settings
 
     configured = load_settings(warn=lambda message: None)["backend"]
@@ -74,8 +89,8 @@ class Backend:
         from turn to turn; `deadline` (time.monotonic()) bounds a server's whole request."""
         template_kwargs = template_kwargs or {}
         stop = {"cancel": cancel} if cancel is not None else {}  # stand-ins may take no cancel
-        if self.is_remote:
-            return self.model.chat(messages, params, deadline=deadline)  # the server keeps its own prefix cache
+        if self.is_remote:  # the server keeps its own prefix cache and renders its own template
+            return self.model.chat(messages, params, deadline=deadline, thinking=bool(template_kwargs.get("thinking")))
         from engine import cached_generation  # imports torch, which loading the model already did
 
         if not cached_generation.supports(self.model):

@@ -7,6 +7,12 @@ Errors become one EngineError line with a hint (BackendTimeout when time ran out
 is retried only when no byte of an answer arrived and the failure was a refused/reset
 connection or a 503 (the server did no work). A `deadline` (time.monotonic()) bounds the whole
 request, every read included, for `dsv4 review --timeout`.
+
+Thinking mode (`--think`): servers with a reasoning parser stream the reasoning apart from
+the answer, in `delta.reasoning_content` (vLLM, SGLang, the DeepSeek API) or `delta.reasoning`
+(vLLM's newer name). It is passed on the way the engine streams DeepSeek-V4's own reply,
+reasoning, then `</think>`, then the answer, so one AnswerView (render.py) splits both alike.
+Reasoning a server sends unasked (the DeepSeek API thinks by default) is not shown as answer.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ FALLBACK_CONTEXT = 131072
 # (SmolLM2: 3.7 on dsv4cli/server.py, 2.5 on a one-line recursive function).
 _ESTIMATE_BYTES_PER_TOKEN = 2.5
 _MESSAGE_OVERHEAD_TOKENS = 8
+# The end of the reasoning in the engine's own stream (render.ReasoningSplitter splits on it).
+THINK_CLOSE = "</think>"
+# Delta fields that carry reasoning: `reasoning_content` (DeepSeek API, SGLang, vLLM before
+# 0.11), `reasoning` (vLLM since 0.11: https://docs.vllm.ai/en/v0.11.2/features/reasoning_outputs/).
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+# Hosts of DeepSeek's own API, which takes `thinking: {"type": "enabled"|"disabled"}` and
+# thinks by default (https://api-docs.deepseek.com/guides/thinking_mode).
+_DEEPSEEK_API_HOSTS = ("api.deepseek.com",)
 
 
 def is_backend_url(value: str | None) -> bool:
@@ -119,6 +133,7 @@ class RemoteModel:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
         sleep: Callable[[float], None] = time.sleep,
+        note: Callable[[str], None] | None = None,
     ):
         self.endpoint = Endpoint.parse(url)
         self.name = model
@@ -129,6 +144,8 @@ class RemoteModel:
         self.connect_timeout_s = connect_timeout_s
         self.retry_delays_s = tuple(retry_delays_s)
         self._sleep = sleep
+        self._note = note
+        self._unasked_reasoning_noted = False
 
     # ---------------------------------------------------------------- discovery
 
@@ -146,7 +163,9 @@ class RemoteModel:
 
     # ---------------------------------------------------------------- generation
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams, *, deadline: float | None = None, **_: Any) -> Iterator[Event]:
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams, *, deadline: float | None = None,
+             thinking: bool = False, **_: Any) -> Iterator[Event]:
+        """One streamed answer; `thinking` asks for the model's reasoning (see the module's note)."""
         body: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -165,9 +184,23 @@ class RemoteModel:
             body["top_k"] = params.top_k
         if params.repetition_penalty != 1.0:
             body["repetition_penalty"] = params.repetition_penalty
-        return self._stream(body, deadline)
+        body.update(self.thinking_switch(thinking))
+        return self._stream(body, deadline, thinking)
 
-    def _stream(self, body: dict[str, Any], deadline: float | None = None) -> Iterator[Event]:
+    def thinking_switch(self, thinking: bool) -> dict[str, Any]:
+        """The request fields that turn thinking mode on (or, for the DeepSeek API, off).
+
+        vLLM and SGLang take it as a chat-template variable: DeepSeek-V3.1 and later think only
+        with `chat_template_kwargs: {"thinking": true}`, which also switches their deepseek_v3
+        reasoning parser to split the reasoning out (https://docs.vllm.ai/en/stable/features/
+        reasoning_outputs/, https://docs.sglang.io/docs/advanced_features/separate_reasoning).
+        Other templates ignore a variable they do not use. The DeepSeek API has its own
+        `thinking` object and thinks unless told not to, so it is always told."""
+        if self.endpoint.host in _DEEPSEEK_API_HOSTS:
+            return {"thinking": {"type": "enabled" if thinking else "disabled"}}
+        return {"chat_template_kwargs": {"thinking": True}} if thinking else {}
+
+    def _stream(self, body: dict[str, Any], deadline: float | None = None, thinking: bool = False) -> Iterator[Event]:
         started = time.perf_counter()
         response, connection = self._request("POST", "/chat/completions", body, deadline)
         first_token_at: float | None = None
@@ -175,6 +208,7 @@ class RemoteModel:
         finish: str | None = None
         usage: dict[str, Any] | None = None
         completion_tokens = 0
+        answered = False  # some answer text came (reasoning after it is not expected)
         try:
             if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
                 raise EngineError(f"{self.endpoint.url} did not stream its answer", "is --backend an OpenAI-compatible /v1 URL?")
@@ -189,13 +223,24 @@ class RemoteModel:
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    if text:
+                    delta = choice.get("delta") or {}
+                    reasoning = _reasoning_text(delta)
+                    answer = delta.get("content") or ""
+                    if reasoning or answer:
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
-                        pieces.append(text)
                         completion_tokens += 1  # one chunk is one token on vLLM and SGLang; usage corrects it
-                        yield TextDelta(text, completion_tokens)
+                    if reasoning and not thinking:
+                        self._note_unasked_reasoning()
+                    elif reasoning and not answered:
+                        pieces.append(reasoning)
+                        yield TextDelta(reasoning, completion_tokens)
+                    if answer:
+                        if thinking and not answered:
+                            answer = THINK_CLOSE + answer  # the reasoning, if any, is over
+                        answered = True
+                        pieces.append(answer)
+                        yield TextDelta(answer, completion_tokens)
                     finish = choice.get("finish_reason") or finish
             if not ended_properly and finish is None:
                 raise EngineError(f"{self.endpoint.url} broke the answer off before its end", "check the server's log")
@@ -203,6 +248,11 @@ class RemoteModel:
             connection.close()
         ended = time.perf_counter()
         yield _done(pieces, finish, usage, completion_tokens, started, first_token_at, ended)
+
+    def _note_unasked_reasoning(self) -> None:
+        if self._note is not None and not self._unasked_reasoning_noted:
+            self._unasked_reasoning_noted = True
+            self._note(f"{self.endpoint.url} sends {self.name}'s reasoning too; --think shows it")
 
     # ---------------------------------------------------------------- transport
 
@@ -296,6 +346,14 @@ def _done(pieces: list[str], finish: str | None, usage: dict[str, Any] | None, c
     )
 
 
+def _reasoning_text(delta: dict[str, Any]) -> str:
+    for name in REASONING_FIELDS:
+        value = delta.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
 def _sse_data(response: http.client.HTTPResponse, endpoint: Endpoint, before_read: Callable[[], None] = lambda: None) -> Iterator[str]:
     """The `data:` payloads of a server-sent event stream, one per event."""
     lines: list[str] = []
@@ -382,7 +440,7 @@ def open_remote(url: str, requested_model: str, *, configured_key: str | None = 
     """Connect to the backend and pick the model: the one asked for when the server has it,
     else the server's first (a default `mini` means nothing to a remote server); with
     `exact` (chat's /model NAME) a model the server does not list is an error."""
-    client = RemoteModel(url, requested_model, api_key=api_key_from_environment(configured_key))
+    client = RemoteModel(url, requested_model, api_key=api_key_from_environment(configured_key), note=note)
     entries = client.served_models(deadline)
     ids = [entry["id"] for entry in entries]
     if exact and requested_model not in ids:

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperCommand
 
 from dsv4cli import backend as backends
-from dsv4cli import remote, render
+from dsv4cli import render
 from dsv4cli.console import stdout_is_terminal, warn
 from dsv4cli.errors import EXIT_USAGE, CliError
 from dsv4cli.inputs import AskInputs, resolve_ask_arguments
@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
         ),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this exchange out of the conversation log (dsv4 logs)."),
         backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL", help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1."
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
+            help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
+                 "'local' forces the embedded engine over a configured URL.",
         ),
         think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed on stderr, apart from the answer."),
     ) -> None:
@@ -152,9 +154,10 @@ def register(app: typer.Typer) -> None:
 
 
 def thinking_supported(name: str, model: LoadedModel) -> bool:
-    """Whether the model has a thinking mode: an alias that has one, or a checkpoint whose
-    chat format is DeepSeek-V4's (a PATH to Flash or Pro)."""
-    if name in THINKING_MODELS:
+    """Whether the model has a thinking mode: an alias that has one, a checkpoint whose chat
+    format is DeepSeek-V4's (a PATH to Flash or Pro), or a served model (the server decides:
+    one without a thinking mode answers directly)."""
+    if name in THINKING_MODELS or getattr(model, "is_remote", False):
         return True
     from engine.deepseek_v4.chat import CHAT_TEMPLATE
 
@@ -173,7 +176,7 @@ def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], fl
             raise _usage_error(f"--cache-cap: {exc}") from None
     inputs = resolve_ask_arguments(arguments)
     started = clock()
-    backend = backends.open_backend(options.model, options.backend if remote.is_backend_url(options.backend) else None)
+    backend = backends.open_backend(options.model, backends.backend_url(options.backend))
     name, model = backend.name, backend.model
     load_s = clock() - started
     thinking = options.think and thinking_supported(name, model)
