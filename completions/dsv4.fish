@@ -107,7 +107,7 @@ complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-ro -d 'Reuse cached prefixes bu
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-cap -r -d 'Prefix cache size cap, e.g'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-log -d 'Keep this exchange out of the conversation log (dsv4 logs)'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l backend -r -d 'OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g'
-complete -c dsv4 -n '__dsv4_at \'ask\'' -l think -d 'flash/pro: show the model\'s reasoning, dimmed on stderr, apart from the answer'
+complete -c dsv4 -n '__dsv4_at \'ask\'' -l think -d 'flash/pro or a served reasoning model: show the model\'s reasoning, dimmed on stderr, apart from the answer'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path; default mini, or the resumed conversation\'s'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l system -s s -r -d 'System prompt (\'\' for the model\'s own default)'
@@ -118,7 +118,7 @@ complete -c dsv4 -n '__dsv4_at \'chat\'' -l cache-ro -d 'Reuse cached prefixes b
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l continue -s c -d 'Resume the latest conversation'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l cid -r -d 'Resume this conversation (an id from \'dsv4 logs\', or a unique prefix)'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l no-log -d 'Keep this conversation out of the log'
-complete -c dsv4 -n '__dsv4_at \'chat\'' -l think -d 'flash/pro: show the model\'s reasoning, dimmed, apart from the answer'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l think -d 'flash/pro or a served reasoning model: show the model\'s reasoning, dimmed, apart from the answer'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l backend -r -d 'OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'pull\'' -f

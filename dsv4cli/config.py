@@ -89,9 +89,10 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 
 def _backend(value: Any) -> str:
-    # `dsv4 ask --backend URL` sends the request to a server; the words choose the local device.
+    # A URL sends ask, chat and review to a server; `local` (and the device words) keeps them
+    # on the embedded engine (dsv4cli/backend.py LOCAL_WORDS, not imported: it loads remote.py).
     text = _text(value)
-    return text if text.startswith(("http://", "https://")) else _choice("auto", "cpu", "cuda")(text)
+    return text if text.startswith(("http://", "https://")) else _choice("auto", "local", "cpu", "cuda")(text)
 
 
 def _globs(value: Any) -> tuple[str, ...]:
@@ -140,7 +141,7 @@ def _builtin_settings() -> tuple[Setting, ...]:
         Setting("temperature", _non_negative_float, 0.0, "sampling temperature (0 = greedy)"),
         Setting("budget", _positive_int, None, "dsv4 pack: fit the pack into this many tokens"),
         Setting("color", _choice(*COLORS), "auto", "colour on stderr and terminals: auto, always, never"),
-        Setting("backend", _backend, "auto", "where the engine runs: auto, cpu, cuda, or an OpenAI-compatible server URL"),
+        Setting("backend", _backend, "auto", "where answers come from: an OpenAI-compatible server URL, or local (also auto, cpu, cuda)"),
         Setting("api_key", _text, None, "API key for a --backend server (or DSV4_API_KEY / OPENAI_API_KEY)"),
         Setting("cache_cap", _size, None, "prefix cache cap on disk (20G, 512M); unset: min(20 GB, 10% of the disk)"),
         Setting("exclude", _globs, (), "extra paths to leave out of packs (gitignore globs)"),
@@ -155,10 +156,10 @@ COMMAND_DEFAULTS: dict[str, dict[str, str]] = {
     "ask": {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature", "cache_cap": "cache_cap",
             "backend": "backend"},
     # chat's --model stays unset by default: a resumed conversation keeps its own model
-    "chat": {"max_tokens": "max_tokens", "temperature": "temperature"},
+    "chat": {"max_tokens": "max_tokens", "temperature": "temperature", "backend": "backend"},
     "pack": {"model": "model", "budget": "budget", "exclude": "exclude"},
     "review": {"model": "model", "fail_on": "review.fail_on", "timeout": "review.timeout",
-               "max_tokens": "review.max_tokens"},
+               "max_tokens": "review.max_tokens", "backend": "backend"},
 }
 
 

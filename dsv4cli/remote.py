@@ -191,11 +191,14 @@ class RemoteModel:
         """The request fields that turn thinking mode on (or, for the DeepSeek API, off).
 
         vLLM and SGLang take it as a chat-template variable: DeepSeek-V3.1 and later think only
-        with `chat_template_kwargs: {"thinking": true}`, which also switches their deepseek_v3
-        reasoning parser to split the reasoning out (https://docs.vllm.ai/en/stable/features/
-        reasoning_outputs/, https://docs.sglang.io/docs/advanced_features/separate_reasoning).
-        Other templates ignore a variable they do not use. The DeepSeek API has its own
-        `thinking` object and thinks unless told not to, so it is always told."""
+        with `chat_template_kwargs: {"thinking": true}`, which also tells their DeepSeek
+        reasoning parsers to split the reasoning out (https://docs.vllm.ai/en/stable/features/
+        reasoning_outputs/; DeepSeek-V4 "keep reasoning controls in chat_template_kwargs":
+        https://recipes.vllm.ai/deepseek-ai/DeepSeek-V4-Flash; SGLang's "thinking parameter":
+        https://docs.sglang.io/docs/advanced_features/separate_reasoning). A template that does
+        not use the variable ignores it. Without --think nothing is sent: the request stays as
+        it was and the server's default holds. The DeepSeek API has its own `thinking` object
+        and thinks unless told not to, so it is always told."""
         if self.endpoint.host in _DEEPSEEK_API_HOSTS:
             return {"thinking": {"type": "enabled" if thinking else "disabled"}}
         return {"chat_template_kwargs": {"thinking": True}} if thinking else {}

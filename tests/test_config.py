@@ -86,7 +86,8 @@ def test_invalid_toml_is_an_error_naming_the_file(project, capsys):
 @pytest.mark.parametrize(
     ("text", "needle"),
     [("max_tokens = 0\n", "at least 1"), ('temperature = "hot"\n', "wrong type"),
-     ('color = "pink"\n', "auto, always, never"), ("exclude = [1]\n", "list of glob")],
+     ('color = "pink"\n', "auto, always, never"), ("exclude = [1]\n", "list of glob"),
+     ('backend = "remote"\n', "auto, local, cpu, cuda")],
 )
 def test_wrong_values_are_errors(project, text, needle):
     (project / ".dsv4.toml").write_text(text)
@@ -121,6 +122,18 @@ def test_config_show_lists_values_and_sources(project, monkeypatch, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["max_tokens"] == {"value": 64, "source": str(user)}
     assert shown["exclude"] == {"value": [], "source": "built-in"}
+
+
+def test_backend_is_a_default_of_ask_chat_and_review_and_config_show_lists_it(project, monkeypatch, capsys):
+    assert {command for command, table in config.COMMAND_DEFAULTS.items() if table.get("backend") == "backend"} == {
+        "ask", "chat", "review"}
+    user = _user('backend = "http://gpu-box:8000/v1"\n')
+    assert main(["config", "show"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("backend ")]
+    assert line.split("#")[0].split("=", 1)[1].strip() == '"http://gpu-box:8000/v1"' and line.endswith(f"# {user}")
+    monkeypatch.setenv("DSV4_BACKEND", "local")
+    assert main(["config", "show", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == {"value": "local", "source": "DSV4_BACKEND"}
 
 
 def test_config_set_rewrites_one_line_and_keeps_comments(project, capsys):

@@ -179,6 +179,17 @@ def test_fail_on_from_settings(repo, fake, monkeypatch):
     assert main(["review", "--staged", "--fail-on", "info"]) == 1
 
 
+def test_backend_local_overrides_a_server_url_in_the_project_file_and_the_environment(repo, fake, monkeypatch, capsys):
+    # Nothing listens on port 9: a review that went to the URL would fail to connect.
+    (repo / ".dsv4.toml").write_text('backend = "http://127.0.0.1:9/v1"\n')
+    assert main(["review", "--staged"]) == 1
+    assert "cannot reach http://127.0.0.1:9/v1" in capsys.readouterr().err
+    assert main(["review", "--staged", "--backend", "local"]) == 0
+    monkeypatch.setenv("DSV4_BACKEND", "http://127.0.0.1:9/v1")
+    assert main(["review", "--staged", "--backend", "local"]) == 0
+    assert len(fake.calls) == 2
+
+
 def test_json_report(repo, fake, capsys):
     fake.answer = ["src/calc.py:2: error: wrong operator\n", "src/calc.py:6: warning: b may be 0\n"]
     assert main(["review", "--staged", "--json", "--fail-on", "error"]) == 1

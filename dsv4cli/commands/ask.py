@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
             help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
                  "'local' forces the embedded engine over a configured URL.",
         ),
-        think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed on stderr, apart from the answer."),
+        think: bool = typer.Option(False, "--think", help="flash/pro or a served reasoning model: show the model's reasoning, dimmed on stderr, apart from the answer."),
     ) -> None:
         """Ask a model a question, about files or piped text when given.
 

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         resume_latest: bool = typer.Option(False, "--continue", "-c", help="Resume the latest conversation."),
         cid: str = typer.Option(None, "--cid", metavar="ID", help="Resume this conversation (an id from 'dsv4 logs', or a unique prefix)."),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this conversation out of the log."),
-        think: bool = typer.Option(False, "--think", help="flash/pro: show the model's reasoning, dimmed, apart from the answer."),
+        think: bool = typer.Option(False, "--think", help="flash/pro or a served reasoning model: show the model's reasoning, dimmed, apart from the answer."),
         backend: str = typer.Option(
             None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
             help="OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "

@@ -226,8 +226,9 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
         cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
         backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL",
-            help="OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1.",
+            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
+            help="OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
+                 "'local' forces the embedded engine over a configured URL.",
         ),
     ) -> None:
         """Review a diff (uncommitted changes by default) with the repository as context.
