@@ -244,6 +244,17 @@ def test_chat_backend_from_the_config_file(engine_server, monkeypatch, capsys):
     assert len(model.requests) == 1
 
 
+def test_ask_think_against_a_server_without_a_thinking_mode_prints_its_plain_answer(engine_server, monkeypatch, capsys):
+    # `dsv4 serve` with a llama-family model ignores the thinking switch: its content is all answer.
+    url, model = engine_server
+    monkeypatch.setattr(sys, "stdin", PipedStdin(""))
+    assert main(["ask", "--backend", url, "--think", "--max-tokens", "4", "--no-log", "--json", "Hi"]) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["answer"] == model.dones[0].text
+    assert payload["reasoning"] == "" and "no end of the reasoning" not in captured.err
+
+
 def test_chat_connection_refused_is_one_line_error(closed_port_url, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", PipedStdin("Hi\n"))
     assert main(["chat", "--backend", closed_port_url, "--no-log"]) == 1
