@@ -90,7 +90,8 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 def _backend(value: Any) -> str:
     # A URL sends ask, chat and review to a server; `local` (and the device words) keeps them
-    # on the embedded engine (dsv4cli/backend.py LOCAL_WORDS, not imported: it loads remote.py).
+    # on the embedded engine: the words of dsv4cli/backend.py LOCAL_WORDS, kept here as well
+    # so that reading settings imports no command code.
     text = _text(value)
     return text if text.startswith(("http://", "https://")) else _choice("auto", "local", "cpu", "cuda")(text)
 
