@@ -12,7 +12,15 @@ knows the engine: `ServedModel` is the seam (dsv4cli/commands/serve.py adapts en
 Honoured: max_tokens / max_completion_tokens, stop (up to 4 strings), temperature, top_p,
 top_k, seed, repetition_penalty, stream and stream_options.include_usage. Refused with a 400
 naming the field: n or best_of above 1, logprobs / top_logprobs (the engine streams text, not
-its logits), echo, suffix, tools / functions, response_format other than text.
+its logits), echo, suffix, functions (the legacy form of tools), response_format other than text.
+
+Tools: for a model whose prompt format writes them (DeepSeek-V4's DSML), `tools` go on the
+leading system message as vLLM does, assistant `tool_calls` and tool `tool_call_id` pass
+through to the prompt, and a call block in the answer comes back as OpenAI `tool_calls`
+(message.tool_calls with finish_reason "tool_calls"; streamed, delta.tool_calls chunks).
+tool_choice "auto" (the default) or "none" (the tools are left out of the prompt and the
+answer is plain text); any other tool_choice, or tools for a model without them (mini), is a
+400 naming the field.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from engine.chat_template import ChatTemplateError
+from engine.deepseek_v4.chat import encodes_tools
+from engine.deepseek_v4.tool_calls import ToolCall, ToolCallParser
 from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20   # a 1M-token prompt is ~4 MB of text; leave room for JSON
@@ -40,7 +50,9 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit; each one is searched for after every tok
 
 
 class ServedModel(Protocol):
-    """What the server needs from a model."""
+    """What the server needs from a model. Optionally `supports_tools: bool`: whether
+    chat_prompt writes `tools` on a system message and `tool_calls` on assistant messages
+    (when a model does not say, its `tokenizer` or `loaded.tokenizer` is asked)."""
 
     model_id: str
     context_length: int
@@ -161,9 +173,14 @@ class _Handler(BaseHTTPRequestHandler):
         requested = request.get("model")
         if requested is not None and requested != model.model_id:
             raise ApiError(404, f"the model {requested!r} does not exist; this server has {model.model_id!r}", param="model", code="model_not_found")
-        _refuse_unsupported(request, chat)
+        tools_supported = chat and _supports_tools(model)
+        _refuse_unsupported(request, chat, tools_supported)
+        tools = _tools(request) if chat else []
         try:
-            prompt_ids = model.chat_prompt(_messages(request)) if chat else model.text_prompt(_prompt(request))
+            if chat:
+                prompt_ids = model.chat_prompt(_with_tools(_messages(request, keep_tool_fields=tools_supported), tools))
+            else:
+                prompt_ids = model.text_prompt(_prompt(request))
         except ChatTemplateError as exc:  # a role or shape the model's prompt format refuses
             raise ApiError(400, f"{exc} ({exc.hint})" if exc.hint else str(exc), param="messages") from None
         params = self._params(request, len(prompt_ids))
@@ -173,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.server.engine_lock:
                 self.server.stats.requests += 1
-                self._answer(request, chat, prompt_ids, params)
+                self._answer(request, chat, prompt_ids, params, parse_calls=bool(tools))
         finally:
             self.server.slots.release()
 
@@ -254,13 +271,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- answers
 
-    def _answer(self, request: dict[str, Any], chat: bool, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _answer(self, request: dict[str, Any], chat: bool, prompt_ids: list[int], params: SamplingParams, *, parse_calls: bool = False) -> None:
         cancelled = threading.Event()
         events = self.server.model.generate(prompt_ids, params, cancelled.is_set)
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if request.get("stream"):
             include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-            self._stream(events, cancelled, chat, answer_id, include_usage)
+            self._stream(events, cancelled, chat, answer_id, include_usage, ToolCallParser() if parse_calls else None)
             return
         done = None
         pieces: list[str] = []
@@ -272,14 +289,26 @@ class _Handler(BaseHTTPRequestHandler):
         assert done is not None, "a generation always ends with Done"
         self.server.stats.last_done = done
         text = done.text or "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text})
-        choice.update(finish_reason=_finish_reason(done), logprobs=None)
+        calls: list[ToolCall] = []
+        if parse_calls:
+            parser = ToolCallParser()
+            items = parser.feed(text) + parser.finish()
+            text, calls = "".join(i for i in items if isinstance(i, str)), parser.calls
+        if not chat:
+            choice: dict[str, Any] = {"index": 0, "text": text}
+        elif calls:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text or None,
+                                              "tool_calls": [_call_json(call) for call in calls]}}
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        choice.update(finish_reason="tool_calls" if calls else _finish_reason(done), logprobs=None)
         self._send_json(200, {
             "id": answer_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": self.server.model.model_id, "choices": [choice], "usage": _usage(done),
         })
 
-    def _stream(self, events: Iterator[Event], cancelled: threading.Event, chat: bool, answer_id: str, include_usage: bool) -> None:
+    def _stream(self, events: Iterator[Event], cancelled: threading.Event, chat: bool, answer_id: str, include_usage: bool,
+                parser: ToolCallParser | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -298,12 +327,26 @@ class _Handler(BaseHTTPRequestHandler):
             choice.update(finish_reason=finish, logprobs=None)
             return {**head, "choices": [choice]}
 
+        def send_text_and_calls(items: list[str | ToolCall]) -> None:
+            assert parser is not None
+            for item in items:
+                if isinstance(item, str):
+                    self._send_event(chunk(item, None))
+                else:  # the whole call at once: its block was held back until it closed
+                    index = len(sent_calls)
+                    sent_calls.append(item)
+                    call = {"index": index, **_call_json(item)}
+                    self._send_event({**head, "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None}]})
+
         done = None
+        sent_calls: list[ToolCall] = []
         try:
             if chat:
                 self._send_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
             for event in events:
-                if isinstance(event, TextDelta):
+                if isinstance(event, TextDelta) and parser is not None:
+                    send_text_and_calls(parser.feed(event.text))
+                elif isinstance(event, TextDelta):
                     self._send_event(chunk(event.text, None))
                 elif isinstance(event, PrefillProgress):
                     # An SSE comment: clients skip it, and a client gone during a long
@@ -312,8 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
                 elif isinstance(event, Done):
                     done = event
             assert done is not None, "a generation always ends with Done"
+            if parser is not None:
+                send_text_and_calls(parser.finish())
             self.server.stats.last_done = done  # before the client can see the end
-            self._send_event(chunk(None, _finish_reason(done)))
+            self._send_event(chunk(None, "tool_calls" if sent_calls else _finish_reason(done)))
             if include_usage:
                 self._send_event({**head, "choices": [], "usage": _usage(done)})
             self._write(b"data: [DONE]\n\n")
@@ -352,7 +397,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ClientGone from exc
 
 
-def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(request: dict[str, Any], *, keep_tool_fields: bool = False) -> list[dict[str, Any]]:
+    """role + content of each message; with keep_tool_fields, also an assistant's tool_calls
+    (whose content may then be null) and a tool result's tool_call_id."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -360,16 +407,72 @@ def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ApiError(400, "each message needs a role and content", param="messages")
-        content = message.get("content")
+        role, content = message["role"], message.get("content")
+        calls = message.get("tool_calls") if keep_tool_fields and role == "assistant" else None
         if isinstance(content, list):  # content parts: only text is understood
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+            # DeepSeek's encoder joins a tool result's text parts with blank lines.
+            joiner = "\n\n" if role == "tool" and keep_tool_fields else ""
+            content = joiner.join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, "message content must be a string or text parts", param="messages")
-        out.append({"role": message["role"], "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            entry["tool_calls"] = _checked_calls(calls)
+        if keep_tool_fields and role == "tool" and isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        out.append(entry)
     return out
 
 
-def _refuse_unsupported(request: dict[str, Any], chat: bool) -> None:
+def _checked_calls(calls: Any) -> list[dict[str, Any]]:
+    if isinstance(calls, list) and all(
+        isinstance(call, dict) and isinstance(call.get("function"), dict)
+        and isinstance(call["function"].get("name"), str) and isinstance(call["function"].get("arguments", "{}"), str)
+        for call in calls
+    ):
+        return calls
+    raise ApiError(400, 'each tool call needs {"type": "function", "function": {"name": ..., "arguments": "..."}}', param="messages")
+
+
+def _supports_tools(model: Any) -> bool:
+    declared = getattr(model, "supports_tools", None)
+    if declared is not None:
+        return bool(declared)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = getattr(getattr(model, "loaded", None), "tokenizer", None)
+    return tokenizer is not None and encodes_tools(tokenizer)
+
+
+def _tools(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool definitions to put in the prompt: none when tool_choice is "none"."""
+    tools = request.get("tools") or []
+    if not isinstance(tools, list) or not all(
+        isinstance(tool, dict) and tool.get("type", "function") == "function"
+        and isinstance(tool.get("function"), dict) and isinstance(tool["function"].get("name"), str)
+        for tool in tools
+    ):
+        raise ApiError(400, 'tools must be a list of {"type": "function", "function": {"name": ..., "parameters": {...}}}', param="tools")
+    return [] if request.get("tool_choice") == "none" else tools
+
+
+def _with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Request-level tools on the leading system message (an empty one put first when there
+    is none), where vLLM's DeepSeek-V4 tokenizer puts them."""
+    if not tools:
+        return messages
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "tools": tools}, *messages[1:]]
+    return [{"role": "system", "content": "", "tools": tools}, *messages]
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _refuse_unsupported(request: dict[str, Any], chat: bool, tools_supported: bool = False) -> None:
     """Fields this server cannot honour get a 400 that names them, rather than an answer
     that silently ignores them (a client asking for two choices or for token probabilities
     would otherwise read a wrong answer as a right one)."""
@@ -395,10 +498,15 @@ def _refuse_unsupported(request: dict[str, Any], chat: bool) -> None:
         raise ApiError(400, "echo is not supported by this server", param="echo", code="unsupported_parameter")
     if not chat and request.get("suffix"):
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix", code="unsupported_parameter")
-    for key in ("tools", "functions"):
-        if request.get(key):
-            raise ApiError(400, f"{key} are not supported by this server: its prompt formats have no tool definitions",
-                           param=key, code="unsupported_parameter")
+    if request.get("functions"):
+        raise ApiError(400, "functions are not supported by this server: send tools instead", param="functions", code="unsupported_parameter")
+    if request.get("tools") and not tools_supported:
+        raise ApiError(400, "tools are not supported for this model: its prompt format has no tool definitions "
+                       "(DeepSeek-V4's has)", param="tools", code="unsupported_parameter")
+    tool_choice = request.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)} is not supported by this server: only \"auto\" and \"none\"",
+                       param="tool_choice", code="unsupported_parameter")
     response_format = request.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
         raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported by this server",

@@ -346,7 +346,9 @@ def _bad_request(call: Callable[[], object]) -> dict:
     ({"logprobs": True}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),  # mini has no tool format
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
@@ -434,6 +436,161 @@ def test_a_conversation_the_prompt_format_refuses_is_a_400(tmp_path):
         error = _bad_request(lambda: client.chat.completions.create(
             model="v4", messages=[{"role": "narrator", "content": "hi"}], max_tokens=2))
         assert error["param"] == "messages" and "unknown role narrator" in error["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ---------------------------------------------------------------- tools (DeepSeek-V4)
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+D = "｜DSML｜"
+CALL_REPLY = (
+    "Checking.\n\n"
+    f"<{D}tool_calls>\n"
+    f'<{D}invoke name="get_weather">\n'
+    f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n'
+    f'<{D}parameter name="days" string="false">2</{D}parameter>\n'
+    f"</{D}invoke>\n"
+    f'<{D}invoke name="get_weather">\n'
+    f'<{D}parameter name="city" string="true">Lyon</{D}parameter>\n'
+    f"</{D}invoke>\n"
+    f"</{D}tool_calls>"
+)
+
+
+class ForcedReply:
+    """The tiny DeepSeek-V4 model with the logits of each next token forced onto a scripted
+    reply, so the real generation loop, detokenizer and server produce it (one reply per
+    request: the first forced step of a request restarts the script)."""
+
+    def __init__(self, model, reply: list[int]):
+        self._model, self._reply, self.args = model, reply, model.args
+        self._left: list[int] = []
+        self.prompt: list[int] = []  # the last request's prompt, as the model was fed it
+
+    def new_state(self, *args, **kwargs):
+        self._left, self.prompt = list(self._reply), []
+        return self._model.new_state(*args, **kwargs)
+
+    def __call__(self, tokens, state, output="all"):
+        import torch
+
+        if len(self._left) == len(self._reply):  # still prefilling
+            self.prompt += tokens[0].tolist()
+        logits = self._model(tokens, state, output=output)
+        if output != "last":
+            return logits
+        forced = torch.full_like(logits, -1e9)
+        forced[..., -1, self._left.pop(0)] = 0.0
+        return forced
+
+
+@pytest.fixture(scope="module")
+def dsv4_loaded(tmp_path_factory):
+    import engine
+    from dsv4_tiny import write_tiny_model
+
+    return engine.load(str(write_tiny_model(tmp_path_factory.mktemp("dsv4-serve") / "tiny-v4")), device="cpu")
+
+
+def dsv4_server(loaded, reply_text: str) -> ApiServer:
+    import copy
+
+    scripted = copy.copy(loaded)
+    tokenizer = loaded.tokenizer
+    scripted.model = ForcedReply(loaded.model, [*tokenizer.encode(reply_text), tokenizer.special_tokens["<｜end▁of▁sentence｜>"]])
+    srv = build_server(EngineServedModel(scripted, "v4", cache=False), "127.0.0.1", 0, None)
+    start_in_thread(srv)
+    return srv
+
+
+def v4_client(srv: ApiServer):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+ASK_WEATHER = [{"role": "user", "content": "Weather in Paris and Lyon?"}]
+EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "Lyon"})]
+
+
+def test_a_deepseek_v4_call_comes_back_as_openai_tool_calls(dsv4_loaded):
+    srv = dsv4_server(dsv4_loaded, CALL_REPLY)
+    try:
+        answer = v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=400, temperature=0)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == "Checking."
+        calls = choice.message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == EXPECTED_CALLS
+        assert calls[0].function.arguments == '{"city": "Paris", "days": 2}'  # as DeepSeek's parser writes it
+        assert all(c.type == "function" and c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+        # the model was prompted with the tools, after an empty system prompt
+        prompt = dsv4_loaded.tokenizer.decode(srv.model.loaded.model.prompt)
+        assert prompt.startswith("<｜begin▁of▁sentence｜>\n\n## Tools\n") and '{"name": "get_weather", ' in prompt
+        assert prompt.endswith("<｜User｜>Weather in Paris and Lyon?<｜Assistant｜></think>")
+        assert answer.usage.prompt_tokens == len(srv.model.loaded.model.prompt)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_streamed_deepseek_v4_call_arrives_as_tool_call_deltas(dsv4_loaded):
+    srv = dsv4_server(dsv4_loaded, CALL_REPLY)
+    try:
+        chunks = list(v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                                             max_tokens=400, temperature=0, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+        assert content == "Checking." and D not in content
+        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+            (i, name, args) for i, (name, args) in enumerate(EXPECTED_CALLS)]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_the_conversation_goes_on_with_the_calls_and_their_results(dsv4_loaded):
+    srv = dsv4_server(dsv4_loaded, "Paris 21, Lyon 19.")
+    try:
+        first = v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=40)
+        assert first.choices[0].message.tool_calls is None and first.choices[0].finish_reason == "stop"
+        calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
+                 {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}]
+        history = [*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": calls},
+                   {"role": "tool", "tool_call_id": "c2", "content": "19"}, {"role": "tool", "tool_call_id": "c1", "content": "21"}]
+        answer = v4_client(srv).chat.completions.create(model="v4", messages=history, tools=[WEATHER_TOOL], max_tokens=40)
+        assert answer.choices[0].message.content == "Paris 21, Lyon 19."
+        prompt = dsv4_loaded.tokenizer.decode(srv.model.loaded.model.prompt)
+        assert prompt.endswith(  # the calls as a DSML block; the results in call order (by tool_call_id)
+            f'<｜Assistant｜></think>\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
+            f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n<{D}parameter name="days" string="false">2</{D}parameter>\n'
+            f'</{D}invoke>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">Lyon</{D}parameter>\n'
+            f"</{D}invoke>\n</{D}tool_calls><｜end▁of▁sentence｜>"
+            "<｜User｜><tool_result>21</tool_result>\n\n<tool_result>19</tool_result><｜Assistant｜></think>"
+        )
+        # tool_choice "none": the tools stay out of the prompt, the answer is text
+        plain = v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=40)
+        assert "## Tools" not in dsv4_loaded.tokenizer.decode(srv.model.loaded.model.prompt)
+        assert plain.usage.prompt_tokens == len(dsv4_loaded.tokenizer.render_chat(ASK_WEATHER))
+        error = _bad_request(lambda: v4_client(srv).chat.completions.create(
+            model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=4,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+        assert error["param"] == "tool_choice" and "get_weather" in error["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_malformed_call_block_reaches_the_client_as_text(dsv4_loaded):
+    broken = f'Checking.\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">two</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>'
+    srv = dsv4_server(dsv4_loaded, broken)
+    try:
+        answer = v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=400)
+        assert answer.choices[0].message.content == broken and answer.choices[0].message.tool_calls is None
+        assert answer.choices[0].finish_reason == "stop"
     finally:
         srv.shutdown()
         srv.server_close()
