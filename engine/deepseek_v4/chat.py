@@ -24,8 +24,9 @@ sfxnz/DeepSeek-V4-Flash-Vision-Exp-vLLM-2x-DGX-Spark : encoding/encoding_dsv4.py
   (without tools, i.e. with drop_thinking) an assistant turn before tool results loses its
   reasoning, and the model reasons again after them.
 - `<｜Assistant｜>` plus `<think>`/`</think>` close a user turn that an assistant turn follows
-  (or that ends the conversation, as the generation prompt): two assistant messages in a row
-  share one `<｜Assistant｜>`, and an assistant message right after the system prompt has none.
+  (or, with add_generation_prompt, the user turn that ends the conversation): two assistant
+  messages in a row share one `<｜Assistant｜>`, an assistant message right after the system
+  prompt has none, and nothing follows a conversation that ends with an assistant turn.
 - Tools (`tools=`, or `tools` on the leading system message as vLLM attaches them): the
   Tools section of engine/deepseek_v4/tool_calls.py after the system prompt and "\n\n" (an
   empty system message is put first when there is none). With tools anywhere, reasoning is
