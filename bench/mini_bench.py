@@ -2,6 +2,7 @@
 
     python bench/mini_bench.py quality [--modes fp32,bf16,int8,int4]
     python bench/mini_bench.py speed [--mode int4] [--threads 2] [--repeats 3]
+    python bench/mini_bench.py decode [--threads 2] [--rounds 16]
 
 quality: per weight mode, next-token argmax agreement with llama.cpp on the recorded
 512-token text (tests/data/mini-llamacpp-textwrap.json; live llama.cpp too when installed)
@@ -11,6 +12,10 @@ speed: prefill tokens/s at 512 and 4,096 tokens of context, decode tokens/s afte
 same threads, real text (Lib/argparse.py), flush-to-zero on. Medians of `--repeats` runs.
 Also our load time: cold (empty DSV4_HOME: conversion plus writing the prepared-weights
 cache) and warm (the cache in place).
+decode: both engines in one process after the same 512-token prompt, alternating bursts of
+16 greedy tokens, so that each pair of bursts sees the same background load; prints each
+round and the median of the per-round ratios (a shared machine moves both engines' rates
+by 2x and more between runs; this ratio moves far less).
 Prints Markdown tables for bench/RESULTS.md.
 """
 
@@ -179,6 +184,54 @@ def cmd_speed(opts: argparse.Namespace) -> None:
     print()
 
 
+def cmd_decode(opts: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    torch.set_num_threads(opts.threads)
+    torch.set_flush_denormal(True)
+    import engine
+
+    gguf = find_gguf(opts.gguf)
+    ids = text_ids(gguf, SPEED_TEXT, 512)
+    ours = engine.load(gguf).model
+    state = ours.new_state(max_len=1024)
+    ours(torch.tensor([ids]), state, output="none")
+    ref = Llama(str(gguf), n_ctx=1024, n_threads=opts.threads, n_threads_batch=opts.threads, n_batch=512, verbose=False)
+    ref.eval(ids)
+    burst = 16
+
+    def ours_rate() -> float:  # greedy from the prompt's end, the same 16 steps every round
+        state.length = len(ids) - 1
+        step = torch.tensor([ids[-1:]])
+        started = time.perf_counter()
+        for _ in range(burst):
+            step[0, 0] = int(ours(step, state, output="last")[0, -1].argmax())
+        return burst / (time.perf_counter() - started)
+
+    def ref_rate() -> float:
+        ref.n_tokens = len(ids) - 1
+        token = ids[-1]
+        started = time.perf_counter()
+        for _ in range(burst):
+            ref.eval([token])
+            token = int(np.argmax(np.ctypeslib.as_array(ref._ctx.get_logits(), shape=(ref.n_vocab(),))))
+        return burst / (time.perf_counter() - started)
+
+    rounds = []
+    for i in range(opts.rounds):
+        rounds.append((ours_rate(), ref_rate()))
+        print(f"round {i}: mini engine {rounds[-1][0]:.1f} tok/s, llama.cpp {rounds[-1][1]:.1f} tok/s", file=sys.stderr, flush=True)
+    mine, theirs = zip(*rounds)
+    ratio = statistics.median(a / b for a, b in rounds)
+    print(f"\ndecode after 512 tokens, {opts.threads} threads, {opts.rounds} alternating rounds of {burst} tokens in one process:\n")
+    print("| measure | mini engine | llama.cpp | ratio |")
+    print("|---|---|---|---|")
+    print(f"| decode, median of rounds (tok/s) | {statistics.median(mine):.1f} | {statistics.median(theirs):.1f} | {ratio:.2f}x (median per-round ratio) |")
+    print(f"| decode, best round (tok/s) | {max(mine):.1f} | {max(theirs):.1f} | {max(mine) / max(theirs):.2f}x |")
+
+
 def cmd_quality(opts: argparse.Namespace) -> None:
     import importlib.util
 
@@ -242,15 +295,16 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["speed", "quality"])
+    parser.add_argument("command", choices=["speed", "quality", "decode"])
     parser.add_argument("--gguf", help="the GGUF file (default: the installed mini)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=16, help="decode: alternating rounds")
     parser.add_argument("--mode", default="default", help="speed: weight mode of our engine (default: engine's default)")
     parser.add_argument("--modes", default="fp32,bf16,int8,int4", help="quality: modes to measure")
     opts = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
-    {"speed": cmd_speed, "quality": cmd_quality}[opts.command](opts)
+    {"speed": cmd_speed, "quality": cmd_quality, "decode": cmd_decode}[opts.command](opts)
 
 
 if __name__ == "__main__":
