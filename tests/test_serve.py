@@ -540,7 +540,7 @@ def test_a_streamed_deepseek_v4_call_arrives_as_tool_call_deltas(dsv4_loaded):
     srv = dsv4_server(dsv4_loaded, CALL_REPLY)
     try:
         chunks = list(v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
-                                                             max_tokens=400, temperature=0, stream=True))
+                                                             tool_choice="auto", max_tokens=400, temperature=0, stream=True))
         content = "".join(c.choices[0].delta.content or "" for c in chunks)
         deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
         assert content == "Checking." and D not in content
@@ -579,6 +579,9 @@ def test_the_conversation_goes_on_with_the_calls_and_their_results(dsv4_loaded):
             model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=4,
             tool_choice={"type": "function", "function": {"name": "get_weather"}}))
         assert error["param"] == "tool_choice" and "get_weather" in error["message"]
+        error = _bad_request(lambda: v4_client(srv).chat.completions.create(
+            model="v4", messages=ASK_WEATHER, tools=[{"type": "function", "function": {"description": "no name"}}], max_tokens=4))
+        assert error["param"] == "tools"
     finally:
         srv.shutdown()
         srv.server_close()
