@@ -7,6 +7,10 @@ Numerics: the residual stream, norms, RoPE and softmax run in fp32; the linear l
 their inputs in the layers' compute dtype (bf16 for bf16/int8/int4 weights). All-bf16 turns
 SmolLM2's answers into garbage; an fp32 residual fixes it.
 
+Decode (one new token per sequence) runs through Llama._decode_step, the same math in half
+the tensor ops (per-op dispatch, not arithmetic, is most of a CPU decode step outside the
+weight matmuls); `fast_decode = False` routes it through the general path, its reference.
+
 RoPE rotates adjacent pairs (2i, 2i+1): llama.cpp's converter permutes the rows of Q and K
 for arch "llama" so that this "interleaved" form equals HF's rotate-half on the original
 weights. `rope_interleaved=False` is HF's half-split form for unpermuted weights.
@@ -15,8 +19,8 @@ weights. `rope_interleaved=False` is HF's half-split form for unpermuted weights
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

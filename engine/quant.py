@@ -30,7 +30,7 @@ an ordinary matmul); tests hold the kernels to it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
