@@ -120,3 +120,29 @@ def test_int4_direct_from_q4_1_bytes_equals_unpacked_route():
     x = torch.randn(70, 128)  # past DENSE_MIN_ROWS: the expanded path reads the nibbles
     assert torch.equal(direct(x), unpacked(x))
     assert torch.equal(direct(x[:3]), unpacked(x[:3]))
+
+
+@pytest.mark.parametrize("kind", ["dense-fp32", "dense-bf16", "int8", "int8x2", "int4"])
+def test_few_rows_kernel_equals_forward(kind):
+    """few_rows() is forward without its checks: the same numbers for decode-sized inputs."""
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    layer = {
+        "dense-fp32": lambda: DenseLinear(weight),
+        "dense-bf16": lambda: DenseLinear(weight.bfloat16()),
+        "int8": lambda: Int8Linear.from_float(weight),
+        "int8x2": lambda: Int8Linear.from_float(weight, levels=2),
+        "int4": lambda: Int4Linear.from_float(weight),
+    }[kind]()
+    x = torch.randn(3, 64).to(layer.compute_dtype)
+    assert torch.equal(layer.few_rows()(x), layer.forward(x))
+
+
+def test_stacked_int4_equals_one_conversion():
+    """Int4Linear.stacked: row chunks converted apart give the whole matrix's layer exactly."""
+    weight = torch.randn(160, 64, generator=torch.Generator().manual_seed(4))
+    whole = Int4Linear.from_float(weight)
+    stacked = Int4Linear.stacked([Int4Linear.from_float(weight[:64]), Int4Linear.from_float(weight[64:])])
+    for name in ("packed", "scale_zeros", "nibbles", "scale_min"):
+        assert torch.equal(getattr(stacked, name), getattr(whole, name)), name
+    x = torch.randn(2, 64).bfloat16()
+    assert torch.equal(stacked.forward(x), whole.forward(x))
