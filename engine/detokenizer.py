@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Control tokens that stay in the text even when control tokens are skipped: the reasoning
-# markers. DeepSeek-V4 (and R1, Qwen3) have `<think>`/`</think>` as special tokens; dropping
-# them would hide where the reasoning ends, and the CLI splits the stream there.
-VISIBLE_SPECIALS = frozenset({b"<think>", b"</think>"})
+# Control tokens that stay in the text even when control tokens are skipped.
+# - The reasoning markers: DeepSeek-V4 (and R1, Qwen3) have `<think>`/`</think>` as special
+#   tokens; dropping them would hide where the reasoning ends, and the CLI splits the stream there.
+# - DeepSeek-V3.2/V4's DSML marker `｜DSML｜`: one added token, marked special in tokenizer.json
+#   (sgl-project/sglang#16122; antirez/ds4#95 lists it among V4's special tokens), inside the
+#   generated tool-call tags `<｜DSML｜tool_calls>`, `<｜DSML｜invoke ...>`. Dropped, the calls
+#   arrive as `<tool_calls>` that no parser recognises (vllm-project/vllm#30541; SGLang decodes
+#   DeepSeek calls with skip_special_tokens=False for this: sgl-project/sglang#15155).
+VISIBLE_SPECIALS = frozenset({b"<think>", b"</think>", "｜DSML｜".encode()})
 
 
 class _DecodesBytes(Protocol):

@@ -259,13 +259,25 @@ def write_tiny(directory: Path, fmt: str = "fp32", seed: int = 0, **config: Any)
     return write_checkpoint(directory, cfg, checkpoint_tensors(cfg, master, fmt))
 
 
+# DeepSeek-V4's tool-call marker: an added token of its own, marked special in the official
+# tokenizer.json as in DeepSeek-V3.2's (sgl-project/sglang#16122), after the trained vocabulary.
+DSML_TOKEN = "｜DSML｜"
+
+
 def write_tokenizer(directory: Path) -> Path:
     """A byte-level BPE tokenizer.json in DeepSeek's style (specials bos=0, eos=1, pad=2,
-    <｜User｜>, <｜Assistant｜>, <think>, </think>) that fits the tiny vocabulary, with a
-    tokenizer_config.json that, like the official checkpoints' (spec §6), has no chat template."""
+    <｜User｜>, <｜Assistant｜>, <think>, </think>, and the added token ｜DSML｜ last) that fits
+    the tiny vocabulary, with a tokenizer_config.json that, like the official checkpoints'
+    (spec §6), has no chat template."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
     from tests.tinymodels import write_tiny_hf_tokenizer
 
-    write_tiny_hf_tokenizer(directory, style="deepseek", vocab_size=tiny_config()["vocab_size"])
+    write_tiny_hf_tokenizer(directory, style="deepseek", vocab_size=tiny_config()["vocab_size"] - 1)
+    hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    hf.add_special_tokens([AddedToken(DSML_TOKEN, special=True, normalized=False)])
+    hf.save(str(directory / "tokenizer.json"))
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     del config["chat_template"]

@@ -414,6 +414,7 @@ class DeepSeekV4PromptModel(SlowModel):
     """Prompts rendered in DeepSeek-V4's format by the tiny checkpoint's real tokenizer."""
 
     model_id = "v4"
+    supports_tools = True
 
     def __init__(self, tokenizer):
         super().__init__(limit=2, delay_s=0.0)
@@ -496,12 +497,24 @@ def dsv4_loaded(tmp_path_factory):
     return engine.load(str(write_tiny_model(tmp_path_factory.mktemp("dsv4-serve") / "tiny-v4")), device="cpu")
 
 
+def as_generated(tokenizer, text: str) -> list[int]:
+    """The ids a model generates for `text`: each special token's text as its one id (the
+    DSML marker is an added token of its own, as in the official tokenizer), the rest BPE."""
+    import re
+
+    specials = tokenizer.special_tokens
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text):
+        ids += [specials[part]] if part in specials else tokenizer.encode(part)
+    return ids
+
+
 def dsv4_server(loaded, reply_text: str) -> ApiServer:
     import copy
 
     scripted = copy.copy(loaded)
     tokenizer = loaded.tokenizer
-    scripted.model = ForcedReply(loaded.model, [*tokenizer.encode(reply_text), tokenizer.special_tokens["<｜end▁of▁sentence｜>"]])
+    scripted.model = ForcedReply(loaded.model, [*as_generated(tokenizer, reply_text), tokenizer.special_tokens["<｜end▁of▁sentence｜>"]])
     srv = build_server(EngineServedModel(scripted, "v4", cache=False), "127.0.0.1", 0, None)
     start_in_thread(srv)
     return srv
@@ -517,6 +530,8 @@ EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 2}), ("get_weather",
 
 def test_a_deepseek_v4_call_comes_back_as_openai_tool_calls(dsv4_loaded):
     srv = dsv4_server(dsv4_loaded, CALL_REPLY)
+    dsml = dsv4_loaded.tokenizer.special_tokens[D]
+    assert dsv4_loaded.tokenizer.is_special(dsml) and dsml in srv.model.loaded.model._reply  # generated as the control token
     try:
         answer = v4_client(srv).chat.completions.create(model="v4", messages=ASK_WEATHER, tools=[WEATHER_TOOL], max_tokens=400, temperature=0)
         choice = answer.choices[0]
