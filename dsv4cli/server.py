@@ -21,6 +21,15 @@ through to the prompt, and a call block in the answer comes back as OpenAI `tool
 tool_choice "auto" (the default) or "none" (the tools are left out of the prompt and the
 answer is plain text); any other tool_choice, or tools for a model without them (mini), is a
 400 naming the field.
+
+Thinking mode: `chat_template_kwargs: {"thinking": true}` (vLLM and SGLang's switch) or
+`thinking: {"type": "enabled"}` (the DeepSeek API's) renders the prompt in the model's
+thinking mode when it has one (DeepSeek-V4: the prompt ends with `<think>`), and the reply's
+reasoning, everything before the first `</think>`, comes back apart from the answer as
+DeepSeek's API and vLLM's reasoning parsers return it: `message.reasoning_content` beside
+`message.content`; streamed, `delta.reasoning_content` chunks, then `delta.content` ones. An
+assistant message's `reasoning_content` goes back into the prompt where the format keeps it
+(turns with tool calls). A model without a thinking mode (mini) ignores the switch.
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from engine.chat_template import ChatTemplateError
-from engine.deepseek_v4.chat import encodes_tools
 from engine.deepseek_v4.tool_calls import ToolCall, ToolCallParser
 from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta
 
@@ -47,12 +55,14 @@ DEFAULT_QUEUE_LIMIT = 8
 DEFAULT_MAX_TOKENS = 512
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MAX_STOP_STRINGS = 4  # OpenAI's limit; each one is searched for after every token
+END_OF_REASONING = "</think>"  # in thinking mode the reply starts inside the reasoning
 
 
 class ServedModel(Protocol):
-    """What the server needs from a model. Optionally `supports_tools: bool`: whether
-    chat_prompt writes `tools` on a system message and `tool_calls` on assistant messages
-    (when a model does not say, its `tokenizer` or `loaded.tokenizer` is asked)."""
+    """What the server needs from a model. Optionally (False when absent):
+    `supports_tools: bool`: chat_prompt writes `tools` on a system message and `tool_calls`
+    on assistant messages; `supports_thinking: bool`: chat_prompt takes `thinking=True` and
+    then renders the prompt in thinking mode (the reply is reasoning, `</think>`, answer)."""
 
     model_id: str
     context_length: int
@@ -173,12 +183,14 @@ class _Handler(BaseHTTPRequestHandler):
         requested = request.get("model")
         if requested is not None and requested != model.model_id:
             raise ApiError(404, f"the model {requested!r} does not exist; this server has {model.model_id!r}", param="model", code="model_not_found")
-        tools_supported = chat and _supports_tools(model)
+        tools_supported = chat and bool(getattr(model, "supports_tools", False))
         _refuse_unsupported(request, chat, tools_supported)
         tools = _tools(request) if chat else []
+        thinking = chat and _thinking_requested(request) and bool(getattr(model, "supports_thinking", False))
         try:
             if chat:
-                prompt_ids = model.chat_prompt(_with_tools(_messages(request, keep_tool_fields=tools_supported), tools))
+                messages = _with_tools(_messages(request, keep_tool_fields=tools_supported, keep_reasoning=thinking), tools)
+                prompt_ids = model.chat_prompt(messages, thinking=True) if thinking else model.chat_prompt(messages)
             else:
                 prompt_ids = model.text_prompt(_prompt(request))
         except ChatTemplateError as exc:  # a role or shape the model's prompt format refuses
@@ -190,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.server.engine_lock:
                 self.server.stats.requests += 1
-                self._answer(request, chat, prompt_ids, params, parse_calls=bool(tools))
+                self._answer(request, chat, prompt_ids, params, parse_calls=bool(tools), thinking=thinking)
         finally:
             self.server.slots.release()
 
@@ -271,13 +283,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- answers
 
-    def _answer(self, request: dict[str, Any], chat: bool, prompt_ids: list[int], params: SamplingParams, *, parse_calls: bool = False) -> None:
+    def _answer(self, request: dict[str, Any], chat: bool, prompt_ids: list[int], params: SamplingParams, *,
+                parse_calls: bool = False, thinking: bool = False) -> None:
         cancelled = threading.Event()
         events = self.server.model.generate(prompt_ids, params, cancelled.is_set)
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if request.get("stream"):
             include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-            self._stream(events, cancelled, chat, answer_id, include_usage, ToolCallParser() if parse_calls else None)
+            self._stream(events, cancelled, chat, answer_id, include_usage, ToolCallParser() if parse_calls else None,
+                         ReasoningSeparator() if thinking else None)
             return
         done = None
         pieces: list[str] = []
@@ -289,6 +303,11 @@ class _Handler(BaseHTTPRequestHandler):
         assert done is not None, "a generation always ends with Done"
         self.server.stats.last_done = done
         text = done.text or "".join(pieces)
+        reasoning = None
+        if thinking:
+            separator = ReasoningSeparator()
+            reasoning, text = separator.feed(text)
+            reasoning += separator.finish()
         calls: list[ToolCall] = []
         if parse_calls:
             parser = ToolCallParser()
@@ -301,6 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
                                               "tool_calls": [_call_json(call) for call in calls]}}
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        if reasoning is not None:
+            choice["message"]["reasoning_content"] = reasoning
         choice.update(finish_reason="tool_calls" if calls else _finish_reason(done), logprobs=None)
         self._send_json(200, {
             "id": answer_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -308,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def _stream(self, events: Iterator[Event], cancelled: threading.Event, chat: bool, answer_id: str, include_usage: bool,
-                parser: ToolCallParser | None = None) -> None:
+                parser: ToolCallParser | None = None, separator: ReasoningSeparator | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -327,6 +348,16 @@ class _Handler(BaseHTTPRequestHandler):
             choice.update(finish_reason=finish, logprobs=None)
             return {**head, "choices": [choice]}
 
+        def send_answer(text: str) -> None:
+            if parser is not None:
+                send_text_and_calls(parser.feed(text))
+            elif text:
+                self._send_event(chunk(text, None))
+
+        def send_reasoning(text: str) -> None:
+            if text:
+                self._send_event({**head, "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None, "logprobs": None}]})
+
         def send_text_and_calls(items: list[str | ToolCall]) -> None:
             assert parser is not None
             for item in items:
@@ -344,10 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
             if chat:
                 self._send_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
             for event in events:
-                if isinstance(event, TextDelta) and parser is not None:
-                    send_text_and_calls(parser.feed(event.text))
+                if isinstance(event, TextDelta) and separator is not None:
+                    reasoning, answer = separator.feed(event.text)
+                    send_reasoning(reasoning)
+                    send_answer(answer)
                 elif isinstance(event, TextDelta):
-                    self._send_event(chunk(event.text, None))
+                    send_answer(event.text)
                 elif isinstance(event, PrefillProgress):
                     # An SSE comment: clients skip it, and a client gone during a long
                     # prefill is noticed here rather than at the first token.
@@ -355,6 +388,8 @@ class _Handler(BaseHTTPRequestHandler):
                 elif isinstance(event, Done):
                     done = event
             assert done is not None, "a generation always ends with Done"
+            if separator is not None:
+                send_reasoning(separator.finish())
             if parser is not None:
                 send_text_and_calls(parser.finish())
             self.server.stats.last_done = done  # before the client can see the end
@@ -397,9 +432,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ClientGone from exc
 
 
-def _messages(request: dict[str, Any], *, keep_tool_fields: bool = False) -> list[dict[str, Any]]:
+def _messages(request: dict[str, Any], *, keep_tool_fields: bool = False, keep_reasoning: bool = False) -> list[dict[str, Any]]:
     """role + content of each message; with keep_tool_fields, also an assistant's tool_calls
-    (whose content may then be null) and a tool result's tool_call_id."""
+    (whose content may then be null) and a tool result's tool_call_id; with keep_reasoning,
+    an assistant's reasoning_content."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -422,6 +458,8 @@ def _messages(request: dict[str, Any], *, keep_tool_fields: bool = False) -> lis
             entry["tool_calls"] = _checked_calls(calls)
         if keep_tool_fields and role == "tool" and isinstance(message.get("tool_call_id"), str):
             entry["tool_call_id"] = message["tool_call_id"]
+        if keep_reasoning and role == "assistant" and isinstance(message.get("reasoning_content"), str):
+            entry["reasoning_content"] = message["reasoning_content"]
         out.append(entry)
     return out
 
@@ -436,14 +474,49 @@ def _checked_calls(calls: Any) -> list[dict[str, Any]]:
     raise ApiError(400, 'each tool call needs {"type": "function", "function": {"name": ..., "arguments": "..."}}', param="messages")
 
 
-def _supports_tools(model: Any) -> bool:
-    declared = getattr(model, "supports_tools", None)
-    if declared is not None:
-        return bool(declared)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        tokenizer = getattr(getattr(model, "loaded", None), "tokenizer", None)
-    return tokenizer is not None and encodes_tools(tokenizer)
+def _thinking_requested(request: dict[str, Any]) -> bool:
+    """Whether a chat request asks for thinking mode: the DeepSeek API's `thinking` object
+    when given, else vLLM/SGLang's `chat_template_kwargs.thinking`."""
+    switch = request.get("thinking")
+    if switch is not None:
+        if not isinstance(switch, dict) or switch.get("type") not in ("enabled", "disabled"):
+            raise ApiError(400, 'thinking must be {"type": "enabled"} or {"type": "disabled"}', param="thinking")
+        return switch["type"] == "enabled"
+    kwargs = request.get("chat_template_kwargs")
+    if kwargs is None:
+        return False
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("thinking", False), bool):
+        raise ApiError(400, 'chat_template_kwargs must be an object like {"thinking": true}', param="chat_template_kwargs")
+    return kwargs.get("thinking", False)
+
+
+class ReasoningSeparator:
+    """Splits a thinking-mode reply, streamed in pieces, into reasoning and answer: the reply
+    starts inside the reasoning and the first `</think>` ends it (it may arrive cut across
+    pieces, so a possible start of it is held back). Later tags are answer text."""
+
+    def __init__(self) -> None:
+        self.inside = True
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, answer) completed by this piece; either may be empty."""
+        if not self.inside:
+            return "", text
+        held = self._held + text
+        at = held.find(END_OF_REASONING)
+        if at >= 0:
+            self.inside, self._held = False, ""
+            return held[:at], held[at + len(END_OF_REASONING):]
+        keep = next((n for n in range(min(len(held), len(END_OF_REASONING) - 1), 0, -1)
+                     if END_OF_REASONING.startswith(held[-n:])), 0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep], ""
+
+    def finish(self) -> str:
+        """The reasoning held back at the end (a reply cut off before `</think>` is all reasoning)."""
+        held, self._held = self._held, ""
+        return held
 
 
 def _tools(request: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,7 +14,9 @@ from typing import Any
 import typer
 
 from dsv4cli import render
+from dsv4cli.commands.ask import thinking_supported
 from dsv4cli.errors import CliError
+from engine.deepseek_v4.chat import encodes_tools
 from engine.events import Event, SamplingParams
 
 DEFAULT_HOST = "127.0.0.1"
@@ -25,15 +27,20 @@ _DEFAULT_REPETITION_PENALTY = {"mini": 1.1}
 
 class EngineServedModel:
     """An engine model as dsv4cli.server.ServedModel: prompts rendered with its own
-    template, answers through the prefix cache when the model supports it."""
+    template, answers through the prefix cache when the model supports it. Tools and
+    thinking mode where its prompt format has them (DeepSeek-V4's), as `dsv4 ask` decides."""
 
     def __init__(self, loaded: Any, model_id: str, *, cache: bool = True):
         self.loaded = loaded
         self.model_id = model_id
         self.context_length = int(loaded.context_length)
         self.cache = cache
+        self.supports_tools = encodes_tools(loaded.tokenizer)
+        self.supports_thinking = thinking_supported(model_id, loaded)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], *, thinking: bool = False) -> list[int]:
+        if thinking:
+            return list(self.loaded.tokenizer.render_chat(messages, thinking=True))
         return list(self.loaded.tokenizer.render_chat(messages))
 
     def text_prompt(self, text: str) -> list[int]:
