@@ -59,11 +59,14 @@ _dsv4_choices() {
         'ask|--model') echo 'mini flash pro' ;;
         'ask|-m') echo 'mini flash pro' ;;
         'ask|--format') echo 'xml markdown plain' ;;
+        'ask|--backend') echo 'local' ;;
         'chat|--model') echo 'mini flash pro' ;;
         'chat|-m') echo 'mini flash pro' ;;
+        'chat|--backend') echo 'local' ;;
         'review|--fail-on') echo 'info warning error' ;;
         'review|--model') echo 'mini flash pro' ;;
         'review|-m') echo 'mini flash pro' ;;
+        'review|--backend') echo 'local' ;;
         'serve|--model') echo 'mini flash pro' ;;
         'serve|-m') echo 'mini flash pro' ;;
         'hook install|--fail-on') echo 'info warning error' ;;

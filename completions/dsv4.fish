@@ -106,7 +106,7 @@ complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-cache -d 'Neither read nor write t
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l cache-cap -r -d 'Prefix cache size cap, e.g'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-log -d 'Keep this exchange out of the conversation log (dsv4 logs)'
-complete -c dsv4 -n '__dsv4_at \'ask\'' -l backend -r -d 'OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g'
+complete -c dsv4 -n '__dsv4_at \'ask\'' -l backend -x -a 'local' -d 'OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l think -d 'flash/pro or a served reasoning model: show the model\'s reasoning, dimmed on stderr, apart from the answer'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path; default mini, or the resumed conversation\'s'
@@ -119,7 +119,7 @@ complete -c dsv4 -n '__dsv4_at \'chat\'' -l continue -s c -d 'Resume the latest 
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l cid -r -d 'Resume this conversation (an id from \'dsv4 logs\', or a unique prefix)'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l no-log -d 'Keep this conversation out of the log'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l think -d 'flash/pro or a served reasoning model: show the model\'s reasoning, dimmed, apart from the answer'
-complete -c dsv4 -n '__dsv4_at \'chat\'' -l backend -r -d 'OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l backend -x -a 'local' -d 'OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'pull\'' -f
 complete -c dsv4 -n '__dsv4_at \'pull\'' -a 'mini flash pro'
@@ -139,7 +139,7 @@ complete -c dsv4 -n '__dsv4_at \'review\'' -l json -d 'Print one JSON object (fi
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-log -d 'Do not keep this review in the conversation log'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
-complete -c dsv4 -n '__dsv4_at \'review\'' -l backend -r -d 'OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g'
+complete -c dsv4 -n '__dsv4_at \'review\'' -l backend -x -a 'local' -d 'OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'serve\'' -f
 complete -c dsv4 -n '__dsv4_at \'serve\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path'

@@ -48,10 +48,12 @@ class CommandSpec:
 def _value_choices() -> dict[str, tuple[str, ...]]:
     """Values worth offering for options whose type does not list them (by option name)."""
     from dsv4cli import config
+    from dsv4cli.backend import LOCAL
     from dsv4cli.commands import ask
     from engine.store import MODELS
 
-    return {"--model": tuple(MODELS), "--format": ask.PACK_FORMATS, "--fail-on": config.SEVERITIES}
+    # --backend: a URL is typed; the one word worth offering is `local` (the embedded engine).
+    return {"--model": tuple(MODELS), "--format": ask.PACK_FORMATS, "--fail-on": config.SEVERITIES, "--backend": (LOCAL,)}
 
 
 def _argument_choices() -> dict[tuple[str, ...], tuple[str, ...]]:
