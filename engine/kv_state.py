@@ -7,6 +7,10 @@ keys that is a plain strided matrix for bmm (3x faster in bf16 at 4k than K^T as
 are written. Exports carry the same layouts, cut to `length`.
 `length` counts tokens whose keys and values are complete in every layer: the model raises
 it only after a whole forward pass, so an interrupted pass leaves the state consistent.
+`values_clean`: positions below it in `v` hold finite numbers (written, imported, or zeroed
+by the model). Decode attends over a window rounded up past `length` and gives the extra
+positions zero weight; zero times uninitialised memory could be NaN, so the model zeroes
+values past max(length, values_clean) before reading them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class KVState:
         self.k = torch.empty((n_layers, batch, n_kv_heads, head_dim, max_len), dtype=dtype)
         self.v = torch.empty((n_layers, batch, n_kv_heads, max_len, head_dim), dtype=dtype)
         self.length = 0
+        self.values_clean = 0
 
     @property
     def n_layers(self) -> int:

@@ -151,6 +151,9 @@ class Block(nn.Module):
         return x
 
 
+DECODE_WINDOW_STEP = 64
+
+
 @dataclass(frozen=True)
 class _DecodeLayer:
     """One block's weights as the decode step uses them: bare kernels, norm weights
@@ -272,6 +275,14 @@ class Llama(nn.Module):
         G = H // Hkv
         B = tokens.shape[0]
         start, end = state.length, state.length + 1
+        # Attend over a window of positions rounded up to DECODE_WINDOW_STEP: oneDNN builds a
+        # new matmul kernel for every new shape (~0.7 ms each, two per token when the length
+        # grows by one); padded scores are set to -inf, so padded values get zero weight.
+        window = min(state.max_len, -(-end // DECODE_WINDOW_STEP) * DECODE_WINDOW_STEP)
+        clean_from = max(end, state.values_clean)
+        if window > clean_from:
+            state.v.narrow(3, clean_from, window - clean_from).zero_()
+        state.values_clean = max(state.values_clean, window)
         layers = self._decode_plan()
         dtype = self.cache_dtype
 
@@ -284,7 +295,8 @@ class Llama(nn.Module):
         q_rotated, k_rotated, v_new = qkv32[:, :H].view(B, H, D), qkv32[:, H : H + Hkv].view(B, Hkv, D), qkv32[:, H + Hkv :].view(B, Hkv, D)
         q = torch.empty(B * Hkv, G, D, dtype=dtype)  # query heads grouped by the KV head they read
         q_heads = q.view(B, H, D)
-        scores = torch.empty(B * Hkv, G, end, dtype=dtype)
+        scores = torch.empty(B * Hkv, G, window, dtype=dtype)
+        padding = scores.narrow(2, end, window - end)
         attended = torch.empty(B * Hkv, G, D, dtype=dtype)
         attended_rows = attended.view(B, H * D)
         gate_up = torch.empty(B, 2 * Fh)
@@ -293,8 +305,9 @@ class Llama(nn.Module):
         # Per layer: the slot this token's key/value goes to, and the cached positions 0..end.
         k_slots, v_slots = state.k.select(4, start).unbind(0), state.v.select(3, start).unbind(0)
         n_layers = a.n_layers
-        k_seen = state.k.narrow(4, 0, end).view(n_layers, B * Hkv, D, end).unbind(0)
-        v_seen = state.v.narrow(3, 0, end).view(n_layers, B * Hkv, end, D).unbind(0)
+        k_seen = state.k.narrow(4, 0, window).view(n_layers, B * Hkv, D, window).unbind(0)
+        v_seen = state.v.narrow(3, 0, window).view(n_layers, B * Hkv, window, D).unbind(0)
+        padded = window > end
 
         for layer, k_slot, v_slot, keys_t, values in zip(layers, k_slots, v_slots, k_seen, v_seen):
             qkv32_flat.copy_(layer.wqkv(norm(x, layer.attn_norm)))
@@ -303,6 +316,8 @@ class Llama(nn.Module):
             k_slot.copy_(k_rotated)
             v_slot.copy_(v_new)
             torch.bmm(q, keys_t, out=scores)
+            if padded:
+                padding.fill_(-math.inf)
             # bf16 in and out, fp32 inside: equal to the general path's fp32 softmax and cast.
             torch.bmm(torch.softmax(scores, dim=-1), values, out=attended)
             x.add_(layer.wo(attended_rows))

@@ -332,3 +332,26 @@ def test_int4_decode_head_is_coarse_but_keeps_the_refined_top(tmp_path):
     cached(tokens[:, :16], states[0])
     reread(tokens[:, :16], states[1])
     assert torch.equal(reread(tokens[:, 16:17], states[1]), cached(tokens[:, 16:17], states[0]))
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_decode_window_ignores_whatever_lies_past_the_length(models, mode):
+    """Decode attends over a window rounded up past the length (one matmul shape per 64
+    positions): NaN in never-written cache memory, or values imported without the model
+    (the prefix cache writes the tensors and the length directly), change nothing."""
+    model = models("Q4_1", mode)
+    tokens = _tokens(40, seed=12)
+    clean = model.new_state(max_len=100)
+    model(tokens[:, :30], clean)
+    expected = torch.cat([model(tokens[:, i : i + 1], clean) for i in range(30, 40)], dim=1)
+    assert clean.values_clean == 64
+
+    dirty = model.new_state(max_len=100)
+    dirty.k.fill_(float("nan"))
+    dirty.v.fill_(float("nan"))
+    dirty.k[..., :30] = clean.k[..., :30]  # an import: tensors and length, no forward pass
+    dirty.v[:, :, :, :30] = clean.v[:, :, :, :30]
+    dirty.length = 30
+    got = torch.cat([model(tokens[:, i : i + 1], dirty) for i in range(30, 40)], dim=1)
+    assert torch.equal(got, expected)
+    assert not dirty.v[:, :, :, 40:64].isnan().any() and dirty.v[:, :, :, 64:].isnan().all()
