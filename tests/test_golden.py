@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import io
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,14 +35,13 @@ from dsv4cli.commands import logs as logs_command
 from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
 from tests.fake_engine import FakeModel, tiny_tokenizer
+from tests.gitrepos import calc_repo_with_change
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("DSV4_UPDATE_GOLDEN", "") not in ("", "0")
 WIDTH = 80
 _CONSOLE_VARIABLES = ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES", "TERM",
                       "DSV4_COLOR", "DSV4_EXCLUDE", "DSV4_NO_LOG", "DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT")
-_GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
 
 
 def check_golden(name: str, actual: str, directory: Path = GOLDEN) -> None:
@@ -143,13 +141,7 @@ class _Terminal(io.StringIO):
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
     """A small git repository with an uncommitted change; the current directory."""
-    root = tmp_path / "repo"
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a + b\n")
-    (root / "README.md").write_text("# Calc\n")
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run(["git", *args], cwd=root, env={**os.environ, **_GIT_ENV}, check=True, capture_output=True)
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a - b\n\n\ndef div(a, b):\n    return a / b\n")
+    root = calc_repo_with_change(tmp_path / "repo", staged=False)
     monkeypatch.chdir(root)
     return root
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,11 +22,10 @@ from dsv4cli.commands import review as review_command
 from dsv4cli.commands.serve import EngineServedModel, build_server
 from dsv4cli.server import ApiServer, start_in_thread
 from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
+from tests.gitrepos import calc_repo_with_change
 from tests.tinymodels import write_tiny_llama_gguf
 
 API_KEY = "remote-test-key"
-_GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_SYSTEM": os.devnull}
 
 
 class PipedStdin(io.StringIO):
@@ -165,21 +162,9 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=root, env={**os.environ, **_GIT_ENV}, check=True, capture_output=True)
-
-
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "repo"
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a + b\n")
-    (root / "README.md").write_text("# Calc\n")
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "init")
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a - b\n\n\ndef div(a, b):\n    return a / b\n")
-    git(root, "add", "src/calc.py")
+    root = calc_repo_with_change(tmp_path / "repo", staged=True)
     monkeypatch.chdir(root)
     monkeypatch.setattr(sys, "stdin", PipedStdin(""))
     for name in ("DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT", "DSV4_NO_LOG", "DSV4_BACKEND", "DSV4_MODEL"):
