@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 from dsv4cli.app import main
 from dsv4cli.commands import review as review_command
 from dsv4cli.commands.serve import EngineServedModel, build_server
-from dsv4cli.server import ApiServer, start_in_thread
+from dsv4cli.server import ServedModel, start_in_thread
 from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
 from tests.gitrepos import calc_repo_with_change
 from tests.tinymodels import write_tiny_llama_gguf
@@ -83,30 +84,31 @@ def tiny(tmp_path_factory):
     return engine.load(str(write_tiny_llama_gguf(tmp_path_factory.mktemp("remote") / "tiny.gguf", ctx=2048)))
 
 
-def serve(model) -> ApiServer:
+@contextmanager
+def serving(model: ServedModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`dsv4 serve` for model, the CLI given its API key; yields the base URL."""
     srv = build_server(model, "127.0.0.1", 0, API_KEY, max_body_bytes=1 << 20)
     start_in_thread(srv)
-    return srv
+    monkeypatch.setenv("DSV4_API_KEY", API_KEY)
+    try:
+        yield f"http://127.0.0.1:{srv.port}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture
 def engine_server(tiny, monkeypatch):
     model = RecordingModel(tiny, "tiny")
-    srv = serve(model)
-    monkeypatch.setenv("DSV4_API_KEY", API_KEY)
-    yield f"http://127.0.0.1:{srv.port}/v1", model
-    srv.shutdown()
-    srv.server_close()
+    with serving(model, monkeypatch) as url:
+        yield url, model
 
 
 @pytest.fixture
 def reviewer_server(monkeypatch):
     model = ScriptedReviewer("src/calc.py:2: error: add subtracts instead of adding\nsrc/calc.py:6: warning: b may be 0\n")
-    srv = serve(model)
-    monkeypatch.setenv("DSV4_API_KEY", API_KEY)
-    yield f"http://127.0.0.1:{srv.port}/v1", model
-    srv.shutdown()
-    srv.server_close()
+    with serving(model, monkeypatch) as url:
+        yield url, model
 
 
 @pytest.fixture
