@@ -147,15 +147,22 @@ def parse_block(block: str) -> list[ToolCall] | None:
     return calls if position == end else None
 
 
-def _parse_invoke(text: str, position: int, end: int) -> tuple[ToolCall, int] | None:
-    head = f'{_INVOKE_OPEN} name="'
+def _named_tag(text: str, position: int, end: int, opening: str, after_name: str) -> tuple[str, int] | None:
+    """At position, `{opening} name="NAME` and then after_name: NAME and the position past after_name."""
+    head = f'{opening} name="'
     if not text.startswith(head, position):
         return None
-    name_end = text.find('">\n', position + len(head), end)
+    name_end = text.find(after_name, position + len(head), end)
     if name_end < 0:
         return None
-    name = text[position + len(head) : name_end]
-    position = name_end + 3
+    return text[position + len(head) : name_end], name_end + len(after_name)
+
+
+def _parse_invoke(text: str, position: int, end: int) -> tuple[ToolCall, int] | None:
+    opened = _named_tag(text, position, end, _INVOKE_OPEN, '">\n')
+    if opened is None:
+        return None
+    name, position = opened
     if text.startswith("\n", position):  # no parameters: an empty line
         position += 1
     fields: list[str] = []
@@ -176,14 +183,10 @@ def _parse_invoke(text: str, position: int, end: int) -> tuple[ToolCall, int] | 
 
 
 def _parse_parameter(text: str, position: int, end: int) -> tuple[str, str, int] | None:
-    head = f'{_PARAM_OPEN} name="'
-    if not text.startswith(head, position):
+    opened = _named_tag(text, position, end, _PARAM_OPEN, '" string="')
+    if opened is None:
         return None
-    key_end = text.find('" string="', position + len(head), end)
-    if key_end < 0:
-        return None
-    key = text[position + len(head) : key_end]
-    position = key_end + len('" string="')
+    key, position = opened
     if text.startswith('true">', position):
         is_string, position = True, position + len('true">')
     elif text.startswith('false">', position):
