@@ -193,7 +193,7 @@ def random_master(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]
             out[name] = 0.5 * randn(*shape)
         elif name == "embed.weight" or name.endswith("attn_sink"):
             out[name] = randn(*shape)
-        elif name.endswith("ape") or name.endswith("gate.bias"):
+        elif name.endswith(("ape", "gate.bias")):
             out[name] = 0.3 * randn(*shape)
         else:
             out[name] = randn(*shape) * shape[-1] ** -0.5
@@ -289,3 +289,28 @@ def write_tiny_model(directory: Path, fmt: str = "fp32", seed: int = 0, **config
     """A whole tiny model directory as Hugging Face ships one: weights, config, tokenizer."""
     write_tiny(directory, fmt, seed, **config)
     return write_tokenizer(directory)
+
+
+class ForcedReply:
+    """A tiny model with the logits of each next token forced onto a scripted reply, so the real
+    generation loop, detokenizer and server produce it. Each new state (a request, a turn) starts
+    the script again; `prompt` is what the last one was fed, as the model saw it."""
+
+    def __init__(self, model: Any, reply: list[int]):
+        self._model, self._reply, self.args = model, reply, model.args
+        self._left: list[int] = []
+        self.prompt: list[int] = []
+
+    def new_state(self, *args: Any, **kwargs: Any) -> Any:
+        self._left, self.prompt = list(self._reply), []
+        return self._model.new_state(*args, **kwargs)
+
+    def __call__(self, tokens: torch.Tensor, state: Any, output: str = "all") -> Any:
+        if len(self._left) == len(self._reply):  # still prefilling
+            self.prompt += tokens[0].tolist()
+        logits = self._model(tokens, state, output=output)
+        if output != "last":
+            return logits
+        forced = torch.full_like(logits, -1e9)
+        forced[..., -1, self._left.pop(0)] = 0.0
+        return forced

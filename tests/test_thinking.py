@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import engine
-from dsv4_tiny import write_tiny_model
 from dsv4cli import render
 from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
 from engine.detokenizer import StreamingDetokenizer
 from engine.events import Done, SamplingParams, TextDelta
 from engine.generate import stream
+from tests.dsv4_tiny import ForcedReply, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,27 +44,6 @@ def loaded(tiny_dir):
     return engine.load(str(tiny_dir), device="cpu")
 
 
-class ScriptedReply:
-    """The real tiny model, its logits forced onto a scripted reply: each forward pass that
-    produces the next token's logits (the prefill's last chunk, then each decode step) puts
-    all the weight on the next scripted id."""
-
-    def __init__(self, model: Any, reply: list[int]):
-        self._model, self._reply, self.args = model, reply, model.args
-        self.prompts: list[int] = []
-
-    def new_state(self, *args: Any, **kwargs: Any) -> Any:
-        return self._model.new_state(*args, **kwargs)
-
-    def __call__(self, tokens: torch.Tensor, state: Any, output: str = "all") -> Any:
-        logits = self._model(tokens, state, output=output)
-        if output != "last":
-            return logits
-        forced = torch.full_like(logits, -1e9)
-        forced[..., -1, self._reply.pop(0)] = 0.0
-        return forced
-
-
 def reply_ids(tokenizer: Any) -> list[int]:
     specials = tokenizer.special_tokens
     return ([*tokenizer.encode(REASONING), specials["</think>"], *tokenizer.encode(ANSWER),
@@ -85,7 +63,7 @@ def test_generation_surfaces_the_end_of_reasoning(loaded):
     tokenizer = loaded.tokenizer
     prompt = tokenizer.render_chat([{"role": "user", "content": "2+2?"}], thinking=True)
     assert prompt[-1] == tokenizer.special_tokens["<think>"]  # the reply starts inside the reasoning
-    events = list(stream(ScriptedReply(loaded.model, reply_ids(tokenizer)), tokenizer, prompt, SamplingParams(max_tokens=64)))
+    events = list(stream(ForcedReply(loaded.model, reply_ids(tokenizer)), tokenizer, prompt, SamplingParams(max_tokens=64)))
     done = events[-1]
     assert isinstance(done, Done) and done.finish_reason == "stop"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == f"{REASONING}</think>{ANSWER}"
@@ -134,7 +112,7 @@ def _usage() -> tuple[Any, Any]:
 
 def _ask_with_scripted(monkeypatch, loaded, args: list[str]) -> int:
     scripted = copy.copy(loaded)
-    scripted.model = ScriptedReply(loaded.model, reply_ids(loaded.tokenizer))
+    scripted.model = ForcedReply(loaded.model, reply_ids(loaded.tokenizer))
     monkeypatch.setattr(ask_command, "_open_model", lambda name: (loaded.name, scripted))
     monkeypatch.setattr(sys, "stdin", TerminalStdin())
     return main(["ask", "--model", "ignored", "--think", "--no-cache", "--no-log", *args, "2+2?"])
@@ -195,7 +173,7 @@ def test_chat_think_on_the_tiny_checkpoint_keeps_each_turns_reasoning_out_of_the
     answer on stdout, and the second prompt carries the first turn as `</think>` + answer only."""
     tokenizer = loaded.tokenizer
     scripted = copy.copy(loaded)
-    scripted.model = ScriptedReply(loaded.model, reply_ids(tokenizer) * 2)
+    scripted.model = ForcedReply(loaded.model, reply_ids(tokenizer))
     rendered: list[str] = []
     real_render = tokenizer.render_chat
 
