@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+import engine
 from engine.fp8 import dequant_fp4, dequant_fp8, quantize_fp4, quantize_fp8
 
 
@@ -289,6 +290,11 @@ def write_tiny_model(directory: Path, fmt: str = "fp32", seed: int = 0, **config
     """A whole tiny model directory as Hugging Face ships one: weights, config, tokenizer."""
     write_tiny(directory, fmt, seed, **config)
     return write_tokenizer(directory)
+
+
+def load_tiny_model(directory: Path, fmt: str = "fp32") -> Any:
+    """write_tiny_model, then the real `engine.load` on the CPU: a LoadedModel."""
+    return engine.load(str(write_tiny_model(directory, fmt)), device="cpu")
 
 
 class ForcedReply:

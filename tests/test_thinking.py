@@ -10,19 +10,17 @@ import copy
 import io
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-import engine
 from dsv4cli import render
 from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
 from engine.detokenizer import StreamingDetokenizer
 from engine.events import Done, SamplingParams, TextDelta
 from engine.generate import stream
-from tests.dsv4_tiny import ForcedReply, write_tiny_model
+from tests.dsv4_tiny import ForcedReply, load_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,13 +33,8 @@ class TerminalStdin(io.StringIO):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("dsv4") / "tiny-v4", "fp32")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return engine.load(str(tiny_dir), device="cpu")
+def loaded(tmp_path_factory):
+    return load_tiny_model(tmp_path_factory.mktemp("dsv4") / "tiny-v4")
 
 
 def reply_ids(tokenizer: Any) -> list[int]:
