@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dsv4_tiny import DSML_TOKEN, write_tokenizer
 
 from engine.deepseek_v4.chat import tokenizer_for
 from engine.deepseek_v4.tool_calls import ToolCallParser
 from engine.detokenizer import StreamingDetokenizer
 from engine.tokenizer import Tokenizer
+from tests.dsv4_tiny import DSML_TOKEN, write_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv4_tiny import write_tokenizer
 from engine.chat_template import ChatTemplateError
 from engine.deepseek_v4.chat import tokenizer_for
+from tests.dsv4_tiny import write_tokenizer
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 D = "｜DSML｜"  # the DSML tag, to keep the expected blocks readable

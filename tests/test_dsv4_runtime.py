@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import engine
-from dsv4_tiny import write_tiny_model
 from dsv4cli.app import main
 from engine.deepseek_v4.chat import CHAT_TEMPLATE
 from engine.errors import EngineError, ModelFormatError
 from engine.events import Done, SamplingParams, TextDelta
+from tests.dsv4_tiny import write_tiny_model
 from tests.tinymodels import write_tiny_llama_gguf
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"

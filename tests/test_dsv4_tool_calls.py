@@ -10,7 +10,13 @@ import random
 
 import pytest
 
-from engine.deepseek_v4.tool_calls import ToolCall, ToolCallParser, calls_block, parse_block, split_tool_calls
+from engine.deepseek_v4.tool_calls import (
+    ToolCall,
+    ToolCallParser,
+    calls_block,
+    parse_block,
+    split_tool_calls,
+)
 
 D = "｜DSML｜"
 
