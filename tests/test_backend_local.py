@@ -4,7 +4,6 @@ there would fail with "cannot reach"; the fake engine (tests/fake_engine.py) ans
 
 from __future__ import annotations
 
-import io
 import sys
 
 import pytest
@@ -13,13 +12,9 @@ from dsv4cli import config
 from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
 from tests.fake_engine import FakeModel, tiny_tokenizer
+from tests.stdins import PipedStdin
 
 NOWHERE = "http://127.0.0.1:9/v1"
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
 
 
 @pytest.fixture(scope="module")

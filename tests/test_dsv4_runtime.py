@@ -4,7 +4,6 @@ LoadedModel interface on a tiny official-format checkpoint, the V4 chat format (
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
@@ -19,19 +18,10 @@ from engine.deepseek_v4.chat import CHAT_TEMPLATE
 from engine.errors import EngineError, ModelFormatError
 from engine.events import Done, SamplingParams, TextDelta
 from tests.dsv4_tiny import write_tiny_model
+from tests.stdins import TerminalStdin
 from tests.tinymodels import write_tiny_llama_gguf
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-
-
-class TerminalStdin(io.StringIO):
-    """`dsv4 ask` reads piped stdin as context; tests must look like a terminal."""
-
-    def isatty(self) -> bool:
-        return True
-
-    def read(self, *args: object) -> str:
-        raise AssertionError("a terminal stdin must never be read")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

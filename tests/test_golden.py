@@ -36,6 +36,7 @@ from dsv4cli.commands import models as models_command
 from dsv4cli.commands import pack as pack_command
 from tests.fake_engine import FakeModel, tiny_tokenizer
 from tests.gitrepos import calc_repo_with_change
+from tests.stdins import TerminalStdin
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("DSV4_UPDATE_GOLDEN", "") not in ("", "0")
@@ -129,13 +130,8 @@ def fake(monkeypatch, tokenizer) -> FakeModel:
         return name, model
 
     monkeypatch.setattr(ask_command, "_open_model", open_model)
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     return model
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.fixture

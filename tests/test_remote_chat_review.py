@@ -4,7 +4,6 @@ behind the same server), a stub server that never answers for --timeout, and a c
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import socket
@@ -24,14 +23,10 @@ from dsv4cli.commands.serve import EngineServedModel, build_server
 from dsv4cli.server import ServedModel, start_in_thread
 from engine.events import Done, Event, SamplingParams, TextDelta, Timings, Usage
 from tests.gitrepos import calc_repo_with_change
+from tests.stdins import PipedStdin
 from tests.tinymodels import write_tiny_llama_gguf
 
 API_KEY = "remote-test-key"
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
 
 
 class RecordingModel(EngineServedModel):

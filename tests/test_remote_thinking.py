@@ -6,7 +6,6 @@ gives it its own field, and the request carries the thinking switch the server u
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import threading
@@ -18,14 +17,10 @@ import pytest
 from dsv4cli.app import main
 from dsv4cli.remote import RemoteModel
 from engine.events import Done, SamplingParams, TextDelta
+from tests.stdins import PipedStdin
 
 REASONING = ["The user", " wants a sum.", " 2+2 is 4."]
 ANSWER = ["It is", " 4."]
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
 
 
 class FakeReasoningServer:

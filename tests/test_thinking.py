@@ -21,15 +21,11 @@ from engine.detokenizer import StreamingDetokenizer
 from engine.events import Done, SamplingParams, TextDelta
 from engine.generate import stream
 from tests.dsv4_tiny import ForcedReply, load_tiny_model
+from tests.stdins import PipedStdin, TerminalStdin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REASONING, ANSWER = "Two and two: add them.", "It is 4."
-
-
-class TerminalStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +150,6 @@ def test_on_a_terminal_the_reasoning_streams_in_the_status_region_then_stays_dim
     assert out.getvalue() == f"{ANSWER}\n"
     shown = err.getvalue()
     assert "\x1b[2mstep one\x1b[0m\n\x1b[2mstep two\x1b[0m\n" in shown  # printed whole, dimmed, above the answer
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
 
 
 def test_chat_think_on_the_tiny_checkpoint_keeps_each_turns_reasoning_out_of_the_next_prompt(loaded, monkeypatch, capsys):
