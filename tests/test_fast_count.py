@@ -33,7 +33,7 @@ from engine.tokenizer import (
 )
 from tests.tinymodels import (
     CONTROL_TOKENS,
-    real_model_gguf,
+    real_model_gguf_or_skip,
     tiny_vocab,
     write_tiny_hf_tokenizer,
     write_tiny_llama_gguf,
@@ -94,10 +94,7 @@ def tiny(tmp_path_factory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def real() -> Tokenizer:
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real embedded model is not installed")
-    return Tokenizer.from_gguf(path)
+    return Tokenizer.from_gguf(real_model_gguf_or_skip())
 
 
 def tiktoken_counts(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
@@ -255,9 +252,7 @@ def test_the_c_table_derivation_equals_the_python_one(monkeypatch, tmp_path):
 @needs_extension
 @pytest.mark.model
 def test_the_c_table_derivation_equals_the_python_one_for_the_real_vocabulary(monkeypatch):
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real embedded model is not installed")
+    path = real_model_gguf_or_skip()
     spec = GGUFFile(path).tokenizer_spec()
     fast, reference = _both_tables(monkeypatch, spec.tokens, spec.token_types, spec.merges)
     assert fast == reference

@@ -9,6 +9,7 @@ signatures stable.
     tiny_vocab_text() -> the text the vocabulary was learned from
     write_tiny_hf_tokenizer(directory, style="deepseek") -> a Hugging Face tokenizer.json directory
     real_model_gguf() -> Path of the real SmolLM2 GGUF, or None when it is not installed
+    real_model_gguf_or_skip() -> that Path; skips the calling test when it is not installed
 """
 
 from __future__ import annotations
@@ -383,3 +384,13 @@ def real_model_gguf() -> Path | None:
         home = Path(platformdirs.user_data_dir("dsv4", appauthor=False))
     candidate = home / "models" / "mini" / REAL_MODEL_FILENAME
     return candidate if candidate.is_file() else None
+
+
+def real_model_gguf_or_skip() -> Path:
+    """For `model`-marked tests: the real embedded model, or the test is skipped."""
+    import pytest  # here: bench/ imports this module where pytest need not be installed
+
+    path = real_model_gguf()
+    if path is None:
+        pytest.skip("the real embedded model is not installed (dsv4 pull mini, or set DSV4_TEST_GGUF)")
+    return path
