@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ingest.budget import Candidate, Reduction, fit
-from ingest.errors import IngestError, NotAGitRepository, SourceNotFound
+from ingest.errors import IngestError, NotAGitRepository, PathOutsideSource, SourceNotFound
 from ingest.render import TailEntry, check_format, file_block, report_frame, report_line, tail_blocks
 from ingest.types import Document, ReadOptions, SelectOptions, Selection
 
@@ -347,21 +347,40 @@ def _display_prefix(source: Path, single_file: bool) -> str:
 
 
 def _files_from_unit(paths: tuple[str, ...]) -> _Unit:
-    """An explicit list: no ignore rules, the given order, paths relative to the working directory."""
+    """An explicit list: no ignore rules, the given order, paths relative to the working
+    directory (its SOURCE). Paths are normalised (`a/../b.py` is `b.py`, an absolute path
+    inside is made relative) and packed once; one that leads outside is an error, as a
+    missing one is."""
     cwd = Path.cwd()
+    top = os.path.realpath(cwd)
     ordered: list[str] = []
     for raw in paths:
         if not raw:
             continue
-        path = Path(raw)
-        if not os.path.lexists(path):
+        if not os.path.lexists(raw):
             raise SourceNotFound(f"no such file: {raw} (from --files-from)", "check the list of paths")
-        absolute = path if path.is_absolute() else cwd / path
-        relative = os.path.relpath(os.path.normpath(absolute), cwd).replace(os.sep, "/")
-        ordered.append(relative)
+        ordered.append(_inside_path(raw, top))
     ordered = _dedupe(ordered)[0]
     selection = Selection(root=cwd, paths=ordered)
     return _Unit(selection, "", document_mode=False, ordered=ordered)
+
+
+def _inside_path(raw: str, top: str) -> str:
+    """`raw` relative to the directory `top` (a real path), with '/' separators. Directories
+    on the way are resolved as the system resolves them (`a/..` where `a` is a symlink goes
+    where the symlink goes); the last component is not, so a symlinked file stays a symlink
+    and read.py decides whether its target may be read."""
+    absolute = os.path.join(top, raw)  # an absolute `raw` stays itself
+    head, name = os.path.split(absolute.rstrip(os.sep) or os.sep)
+    target = os.path.realpath(absolute) if name in ("", ".", "..") else os.path.join(os.path.realpath(head or os.sep), name)
+    if not (target == top or target.startswith(top.rstrip(os.sep) + os.sep)):
+        lexical = os.path.normpath(absolute)
+        how = "leads outside the working directory through a symlink" if lexical.startswith(top.rstrip(os.sep) + os.sep) else "is outside the working directory"
+        raise PathOutsideSource(
+            f"{raw} (from --files-from) {how}",
+            "run dsv4 pack from a directory that contains every listed path",
+        )
+    return os.path.relpath(target, top).replace(os.sep, "/")
 
 
 def _dedupe(paths: list[str]) -> tuple[list[str], list[str]]:

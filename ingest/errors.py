@@ -15,6 +15,10 @@ class SourceNotFound(IngestError):
     pass
 
 
+class PathOutsideSource(IngestError):
+    """A listed path (--files-from) that leads out of the directory it is relative to."""
+
+
 class NotAGitRepository(IngestError):
     pass
 

@@ -126,6 +126,17 @@ def test_errors_are_one_line(repo, tiny_gguf, args, message):
     assert result.stdout == b""
 
 
+def test_files_from_outside_the_working_directory_is_a_one_line_error(repo, tiny_gguf, tmp_path):
+    (tmp_path / "elsewhere.py").write_text("secret = 1\n")
+    for listed in (b"README.md\n../elsewhere.py\n", b"README.md\n" + str(tmp_path / "elsewhere.py").encode() + b"\n"):
+        result = dsv4("pack", "--files-from", "-", "--model", str(tiny_gguf), cwd=repo, stdin=listed)
+        lines = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 1 and result.stdout == b""
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "outside the working directory" in lines[0], lines
+    inside = dsv4("pack", "--files-from", "-", "--list", cwd=repo, stdin=b"src/../README.md\n" + str(repo / "src/app.py").encode() + b"\n")
+    assert inside.returncode == 0 and inside.stdout.decode().splitlines() == ["README.md", "src/app.py"]
+
+
 def test_git_only_option_outside_git_is_an_error(tmp_path, tiny_gguf):
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -504,3 +504,57 @@ def test_ignore_file_with_bom_and_crlf(tmp_path: Path) -> None:
     expected = [".gitignore", "keep.log", "src.py"]
     assert select(tmp_path).paths == expected
     assert select(tmp_path, WALK).paths == expected
+
+
+# --------------------------------------------------------------------------- --files-from paths
+
+
+@pytest.fixture
+def listed_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """src/ (the working directory) with b.py and a/c.py; outside/o.py next to it, reachable
+    from src/ through the symlinked directory linkdir."""
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "b.py").write_text("print(1)\n")
+    (tmp_path / "src" / "a" / "c.py").write_text("x = 2\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.py").write_text("secret = 1\n")
+    (tmp_path / "src" / "linkdir").symlink_to(tmp_path / "outside", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def files_from(*paths: str) -> list[str]:
+    from ingest import PackOptions, list_paths
+
+    return list_paths([], options=PackOptions(files_from=paths))
+
+
+def test_files_from_paths_are_normalised_inside_the_working_directory(listed_tree: Path) -> None:
+    absolute = str(listed_tree / "a" / "c.py")
+    assert files_from("a/../b.py", "./a//c.py", absolute, "b.py", "linkdir/../src/b.py") == ["b.py", "a/c.py"]
+
+
+@pytest.mark.parametrize("path, why", [
+    ("../outside/o.py", "is outside the working directory"),
+    ("a/../../outside/o.py", "is outside the working directory"),
+    ("linkdir/o.py", "leads outside the working directory through a symlink"),
+])
+def test_a_files_from_path_outside_the_working_directory_is_an_error(listed_tree: Path, path: str, why: str) -> None:
+    from ingest.errors import PathOutsideSource
+
+    with pytest.raises(PathOutsideSource) as raised:
+        files_from("b.py", path)
+    assert str(raised.value) == f"{path} (from --files-from) {why}" and raised.value.hint
+
+
+def test_an_absolute_files_from_path_elsewhere_is_an_error(listed_tree: Path) -> None:
+    from ingest.errors import PathOutsideSource
+
+    elsewhere = str(listed_tree.parent / "outside" / "o.py")
+    with pytest.raises(PathOutsideSource, match="is outside the working directory"):
+        files_from(elsewhere)
+
+
+def test_a_missing_files_from_path_is_still_reported_as_missing(listed_tree: Path) -> None:
+    with pytest.raises(SourceNotFound, match="no such file: ../nowhere.py"):
+        files_from("../nowhere.py")
