@@ -32,6 +32,9 @@ DEFAULT_SYSTEM = (
 DEFAULT_MAX_TOKENS = 512
 PACK_QUESTION_SEPARATOR = "\n\n"
 PACK_FORMATS = ("xml", "markdown", "plain")
+DEFAULT_PACK_FORMAT = "xml"
+PACK_FORMAT_METAVAR = "|".join(PACK_FORMATS)
+FORMAT_HELP = "Layout of the pack."
 # Tokens kept free besides the counted template: BPE may merge across the pack/question join.
 _JOIN_SLACK_TOKENS = 8
 # Small models loop without a penalty (embedded-model.md); bigger ones are hurt by one.
@@ -62,7 +65,7 @@ class AskOptions:
     top_k: int = 0
     repetition_penalty: float | None = None
     seed: int | None = None
-    pack_format: str = "xml"
+    pack_format: str = DEFAULT_PACK_FORMAT
     json_output: bool = False
     verbose: bool = False
     cache: bool = True
@@ -110,7 +113,7 @@ def register(app: typer.Typer) -> None:
             None, "--repetition-penalty", min=1.0, help="1 = off; default 1.1 for mini, 1 otherwise."
         ),
         seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
-        pack_format: str = typer.Option("xml", "--format", help="Pack layout: xml, markdown or plain."),
+        pack_format: str = typer.Option(DEFAULT_PACK_FORMAT, "--format", metavar=PACK_FORMAT_METAVAR, help=FORMAT_HELP),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, usage, timings)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Usage, timings and the prefix cache report on stderr."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
@@ -164,9 +167,14 @@ def thinking_supported(name: str, model: LoadedModel) -> bool:
     return getattr(model.tokenizer, "chat_template", None) == CHAT_TEMPLATE
 
 
+def check_pack_format(pack_format: str, command: str = "ask") -> None:
+    if pack_format not in PACK_FORMATS:
+        raise CliError(f"--format must be one of {', '.join(PACK_FORMATS)}, not {pack_format!r}",
+                       f"see 'dsv4 {command} --help'", exit_code=EXIT_USAGE)
+
+
 def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], float] = time.monotonic) -> None:
-    if options.pack_format not in PACK_FORMATS:
-        raise _usage_error(f"--format must be one of {', '.join(PACK_FORMATS)}, not {options.pack_format!r}")
+    check_pack_format(options.pack_format)
     if options.cache_cap is not None:
         from engine.prefix_cache import parse_size
 
@@ -211,7 +219,7 @@ def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], fl
     if options.verbose and view.done is not None:
         render.print_stats(view.done, model=name, load_s=load_s)
     if options.log:
-        context = messages[-1]["content"][: -len(PACK_QUESTION_SEPARATOR + inputs.question)] if inputs.has_context else None
+        context = context_of(messages[-1]["content"], inputs.question) if inputs.has_context else None
         log_exchange(name, inputs.question, view.text, view.done, system=options.system, context=context,
                      elapsed_s=clock() - started - load_s)
 
@@ -245,6 +253,20 @@ def log_exchange(model: str, question: str, answer: str, done: Done | None, *, s
         return conversation_id
 
 
+def user_turn(context: str, question: str) -> str:
+    """The user message that carries a context: the context (a pack, piped text) first and the
+    question last, so the context is a prefix that stays cached from question to question.
+    ask, chat's first turn and review all use it; bench/answer_quality.py chose the layout."""
+    return context + PACK_QUESTION_SEPARATOR + question
+
+
+def context_of(content: str, question: str) -> str | None:
+    """The context back out of a `user_turn` (the conversation log keeps it apart), or None
+    when `content` is not one."""
+    tail = user_turn("", question)
+    return content[: -len(tail)] if content.endswith(tail) else None
+
+
 def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
     """System prompt, then one user turn: the pack (fitted to the context), then the question."""
     head = [{"role": "system", "content": options.system}] if options.system else []
@@ -256,7 +278,7 @@ def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: 
         _check_room(prompt_tokens, options.max_tokens, context, name)
         return question_only
 
-    overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": PACK_QUESTION_SEPARATOR + inputs.question}]))
+    overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": user_turn("", inputs.question)}]))
     _check_room(overhead + _JOIN_SLACK_TOKENS, options.max_tokens, context, name)
     budget = context - overhead - _JOIN_SLACK_TOKENS - options.max_tokens
     if inputs.stdin_only:
@@ -272,7 +294,7 @@ def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: 
             )
     else:
         context_text = _pack(inputs, options, tokenizer, budget, context, name).text
-    return head + [{"role": "user", "content": context_text + PACK_QUESTION_SEPARATOR + inputs.question}]
+    return head + [{"role": "user", "content": user_turn(context_text, inputs.question)}]
 
 
 def _check_room(prompt_tokens: int, max_tokens: int, context: int, name: str) -> None:

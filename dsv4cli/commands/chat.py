@@ -79,6 +79,7 @@ class ChatOptions:
     log: bool = True
     think: bool = False
     backend: str | None = None  # an OpenAI-compatible /v1 URL answers instead of the embedded engine
+    pack_format: str = ask_command.DEFAULT_PACK_FORMAT
 
 
 @dataclass
@@ -95,7 +96,7 @@ class ChatSession:
         for index, turn in enumerate([*self.turns, Turn(question, "")]):
             content = turn.question
             if index == 0 and self.context is not None:
-                content = self.context + ask_command.PACK_QUESTION_SEPARATOR + turn.question
+                content = ask_command.user_turn(self.context, turn.question)
             out.append({"role": "user", "content": content})
             if index < len(self.turns):
                 out.append({"role": "assistant", "content": turn.answer})
@@ -123,6 +124,7 @@ def register(app: typer.Typer) -> None:
         system: str = typer.Option(None, "--system", "-s", help="System prompt ('' for the model's own default)."),
         max_tokens: int = typer.Option(ask_command.DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Longest answer per turn, in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+        pack_format: str = typer.Option(ask_command.DEFAULT_PACK_FORMAT, "--format", metavar=ask_command.PACK_FORMAT_METAVAR, help=ask_command.FORMAT_HELP),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
         cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
         resume_latest: bool = typer.Option(False, "--continue", "-c", help="Resume the latest conversation."),
@@ -152,6 +154,7 @@ def register(app: typer.Typer) -> None:
             log=not no_log,
             think=think,
             backend=backend,
+            pack_format=pack_format,
         )
         return run_chat(list(sources or []), options)
 
@@ -159,6 +162,7 @@ def register(app: typer.Typer) -> None:
 def run_chat(sources: list[str], options: ChatOptions) -> int:
     from dsv4cli import repl
 
+    ask_command.check_pack_format(options.pack_format, "chat")
     if STDIN in sources:
         raise CliError("chat reads its messages from stdin, so '-' cannot be a SOURCE", "pass files or directories", exit_code=EXIT_USAGE)
     for source in sources:
@@ -223,14 +227,15 @@ class _Chat:
     def pack(self, sources: list[str], system: str | None) -> str:
         tokenizer, context = self.model.tokenizer, self.model.context_length
         head = [{"role": "system", "content": system}] if system else []
-        overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": ask_command.PACK_QUESTION_SEPARATOR}]))
+        overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": ask_command.user_turn("", "")}]))
         room = context - overhead - ask_command._JOIN_SLACK_TOKENS - self.options.max_tokens
         budget = int(room * PACK_SHARE)
         if budget <= 0:
             raise CliError(f"context too long: {self.name} holds {context:,} tokens, which leaves no room for a pack",
                            "lower --max-tokens or use a model with a longer context")
         inputs = AskInputs(tuple(sources), "", None)
-        pack_options = ask_command.AskOptions(model=self.name, max_tokens=self.options.max_tokens)
+        pack_options = ask_command.AskOptions(model=self.name, max_tokens=self.options.max_tokens,
+                                              pack_format=self.options.pack_format)
         return ask_command._pack(inputs, pack_options, tokenizer, budget, context, self.name).text
 
     def _thinking(self) -> bool:

@@ -207,6 +207,7 @@ class ReviewOptions:
     cache: bool = True
     cache_read_only: bool = False
     backend: str | None = None  # an OpenAI-compatible /v1 URL reviews instead of the embedded engine
+    pack_format: str = ask_command.DEFAULT_PACK_FORMAT
 
 
 def register(app: typer.Typer) -> None:
@@ -221,6 +222,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(ask_command.DEFAULT_MODEL, "--model", "-m", envvar="DSV4_MODEL",
                                   help="Alias (mini, flash, pro) or path."),
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest review, in tokens."),
+        pack_format: str = typer.Option(ask_command.DEFAULT_PACK_FORMAT, "--format", metavar=ask_command.PACK_FORMAT_METAVAR, help=ask_command.FORMAT_HELP),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (findings, usage)."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not keep this review in the conversation log."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
@@ -243,13 +245,15 @@ def register(app: typer.Typer) -> None:
                            "see 'dsv4 review --help'", exit_code=EXIT_USAGE)
         options = ReviewOptions(staged=staged, range_spec=range_spec, fail_on=fail_on.lower() if fail_on else None,
                                 timeout=timeout, model=model, max_tokens=max_tokens, json_output=json_output,
-                                log=not no_log, cache=not no_cache, cache_read_only=cache_ro, backend=backend)
+                                log=not no_log, cache=not no_cache, cache_read_only=cache_ro, backend=backend,
+                                pack_format=pack_format)
         code = run_review(options)
         if code != EXIT_OK:
             raise typer.Exit(code)
 
 
 def run_review(options: ReviewOptions, *, clock: Callable[[], float] = time.monotonic) -> int:
+    ask_command.check_pack_format(options.pack_format, "review")
     started = clock()
     deadline = None if options.timeout is None else started + options.timeout
     diff = read_diff(Path.cwd(), staged=options.staged, range_spec=options.range_spec)
@@ -331,7 +335,8 @@ def _review_request(diff: DiffToReview) -> str:
 
 
 def _fit_messages(model: Any, name: str, diff: DiffToReview, question: str, options: ReviewOptions) -> list[dict[str, str]]:
-    ask_options = ask_command.AskOptions(model=options.model, system=REVIEW_SYSTEM, max_tokens=options.max_tokens)
+    ask_options = ask_command.AskOptions(model=options.model, system=REVIEW_SYSTEM, max_tokens=options.max_tokens,
+                                         pack_format=options.pack_format)
     tokenizer, context = model.tokenizer, model.context_length
     alone = tokenizer.render_chat([{"role": "system", "content": REVIEW_SYSTEM}, {"role": "user", "content": question}])
     if len(alone) + options.max_tokens > context:
@@ -437,7 +442,7 @@ def _log(name: str, title: str, messages: list[dict[str, str]], question: str, a
     if logs.logging_disabled():
         return
     user = messages[-1]["content"]
-    context = user[: -len(question)].removesuffix(ask_command.PACK_QUESTION_SEPARATOR) if user.endswith(question) else None
+    context = ask_command.context_of(user, question)
     usage, timings = (done.usage, done.timings) if done is not None else (None, None)
     exchange = logs.Exchange(
         model=name, question=question, answer=answer, system=REVIEW_SYSTEM, context=context or None,
