@@ -15,10 +15,10 @@ _dsv4_options() {
         '') echo '--version --help -h' ;;
         'pack') echo '--output -o --format --budget --model -m --list --summary-json --files-from --include --exclude --max-file-size --no-default-filters --recurse-submodules --no-git --help -h' ;;
         'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --json --verbose -v --no-cache --cache-ro --cache-cap --no-log --backend --think --help -h' ;;
-        'chat') echo '--model -m --system -s --max-tokens --temperature --no-cache --cache-ro --continue -c --cid --no-log --think --backend --help -h' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --format --no-cache --cache-ro --continue -c --cid --no-log --think --backend --help -h' ;;
         'pull') echo '--help -h' ;;
         'models') echo '--json --verify --help -h' ;;
-        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --json --no-log --no-cache --cache-ro --backend --help -h' ;;
+        'review') echo '--cached --staged --range --fail-on --timeout --model -m --max-tokens --format --json --no-log --no-cache --cache-ro --backend --help -h' ;;
         'serve') echo '--model -m --host --port --api-key --queue --no-cache --help -h' ;;
         'completion') echo '--help -h' ;;
         'cache') echo '--help -h' ;;
@@ -43,8 +43,8 @@ _dsv4_value_options() {
     case "$1" in
         'pack') echo '--output -o --format --budget --model -m --summary-json --files-from --include --exclude --max-file-size' ;;
         'ask') echo '--model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend' ;;
-        'chat') echo '--model -m --system -s --max-tokens --temperature --cid --backend' ;;
-        'review') echo '--range --fail-on --timeout --model -m --max-tokens --backend' ;;
+        'chat') echo '--model -m --system -s --max-tokens --temperature --format --cid --backend' ;;
+        'review') echo '--range --fail-on --timeout --model -m --max-tokens --format --backend' ;;
         'serve') echo '--model -m --host --port --api-key --queue' ;;
         'cache prune') echo '--older-than --cap' ;;
         'logs') echo '--count -n' ;;
@@ -62,10 +62,12 @@ _dsv4_choices() {
         'ask|--backend') echo 'local' ;;
         'chat|--model') echo 'mini flash pro' ;;
         'chat|-m') echo 'mini flash pro' ;;
+        'chat|--format') echo 'xml markdown plain' ;;
         'chat|--backend') echo 'local' ;;
         'review|--fail-on') echo 'info warning error' ;;
         'review|--model') echo 'mini flash pro' ;;
         'review|-m') echo 'mini flash pro' ;;
+        'review|--format') echo 'xml markdown plain' ;;
         'review|--backend') echo 'local' ;;
         'serve|--model') echo 'mini flash pro' ;;
         'serve|-m') echo 'mini flash pro' ;;

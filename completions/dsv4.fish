@@ -23,9 +23,9 @@ function __dsv4_value_options
         case 'ask'
             printf '%s\n' -- --model -m --system -s --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --format --cache-cap --backend
         case 'chat'
-            printf '%s\n' -- --model -m --system -s --max-tokens --temperature --cid --backend
+            printf '%s\n' -- --model -m --system -s --max-tokens --temperature --format --cid --backend
         case 'review'
-            printf '%s\n' -- --range --fail-on --timeout --model -m --max-tokens --backend
+            printf '%s\n' -- --range --fail-on --timeout --model -m --max-tokens --format --backend
         case 'serve'
             printf '%s\n' -- --model -m --host --port --api-key --queue
         case 'cache prune'
@@ -99,7 +99,7 @@ complete -c dsv4 -n '__dsv4_at \'ask\'' -l top-p -r -d 'Nucleus sampling thresho
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l top-k -r -d 'Sample from the k likeliest tokens (0 = off)'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l repetition-penalty -r -d '1 = off; default 1.1 for mini, 1 otherwise'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l seed -r -d 'Random seed for sampling'
-complete -c dsv4 -n '__dsv4_at \'ask\'' -l format -x -a 'xml markdown plain' -d 'Pack layout: xml, markdown or plain'
+complete -c dsv4 -n '__dsv4_at \'ask\'' -l format -x -a 'xml markdown plain' -d 'Layout of the pack'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l json -d 'Print one JSON object (answer, usage, timings)'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l verbose -s v -d 'Usage, timings and the prefix cache report on stderr'
 complete -c dsv4 -n '__dsv4_at \'ask\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
@@ -113,6 +113,7 @@ complete -c dsv4 -n '__dsv4_at \'chat\'' -l model -s m -r -a 'mini flash pro' -d
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l system -s s -r -d 'System prompt (\'\' for the model\'s own default)'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l max-tokens -r -d 'Longest answer per turn, in tokens'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l temperature -r -d '0 = greedy (deterministic)'
+complete -c dsv4 -n '__dsv4_at \'chat\'' -l format -x -a 'xml markdown plain' -d 'Layout of the pack'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l cache-ro -d 'Reuse cached prefixes but write, evict or remove nothing'
 complete -c dsv4 -n '__dsv4_at \'chat\'' -l continue -s c -d 'Resume the latest conversation'
@@ -135,6 +136,7 @@ complete -c dsv4 -n '__dsv4_at \'review\'' -l fail-on -x -a 'info warning error'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l timeout -r -d 'Stop the model after this long (the review so far is kept)'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l model -s m -r -a 'mini flash pro' -d 'Alias (mini, flash, pro) or path'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l max-tokens -r -d 'Longest review, in tokens'
+complete -c dsv4 -n '__dsv4_at \'review\'' -l format -x -a 'xml markdown plain' -d 'Layout of the pack'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l json -d 'Print one JSON object (findings, usage)'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-log -d 'Do not keep this review in the conversation log'
 complete -c dsv4 -n '__dsv4_at \'review\'' -l no-cache -d 'Neither read nor write the prefix KV cache'
