@@ -98,9 +98,10 @@ def test_question_alone_with_a_terminal_stdin(fake, capsys):
 
 def test_sources_are_packed_first_and_the_question_last(fake, repo, tokenizer, capsys):
     assert main(["ask", str(repo), QUESTION]) == 0
-    expected_pack = ingest.pack([str(repo)], tokenizer=tokenizer, cache_dir=paths.cache_dir())
+    expected_pack = ingest.pack([str(repo)], options=ingest.PackOptions(format=ask_command.DEFAULT_PACK_FORMAT),
+                                tokenizer=tokenizer, cache_dir=paths.cache_dir())
     (call,) = fake.calls
-    assert call.user_text == expected_pack.text + "\n\n" + QUESTION
+    assert call.user_text == ask_command.user_turn(expected_pack.text, QUESTION)
     assert 'return f"hello {name}"' in call.user_text.split(QUESTION)[0]
     assert capsys.readouterr().out == "The answer is 42.\n"
 
@@ -110,7 +111,7 @@ def test_piped_stdin_without_source_is_the_context(fake, monkeypatch, capsys):
     _pipe(monkeypatch, diff)
     assert main(["ask", "review this"]) == 0
     # Piped text alone goes in as it is, first, with the question last.
-    assert fake.calls[0].user_text == diff + "\n\nreview this"
+    assert fake.calls[0].user_text == ask_command.user_turn(diff, "review this")
 
 
 def test_piped_stdin_too_long_for_the_context(fake, monkeypatch, capsys):
@@ -132,7 +133,7 @@ def test_dash_reads_stdin_beside_other_sources(fake, repo, monkeypatch):
     _pipe(monkeypatch, "NOTES FROM STDIN\n")
     assert main(["ask", str(repo), "-", QUESTION]) == 0
     user = fake.calls[0].user_text
-    assert "NOTES FROM STDIN" in user and "def greet" in user and user.endswith("\n\n" + QUESTION)
+    assert "NOTES FROM STDIN" in user and "def greet" in user and user.endswith(ask_command.user_turn("", QUESTION))
 
 
 def test_piped_stdin_is_ignored_when_sources_are_given(fake, repo, monkeypatch):
@@ -141,9 +142,11 @@ def test_piped_stdin_is_ignored_when_sources_are_given(fake, repo, monkeypatch):
     assert "SHOULD NOT APPEAR" not in fake.calls[0].user_text
 
 
-def test_pack_format_option(fake, repo):
-    assert main(["ask", "--format", "markdown", str(repo), QUESTION]) == 0
-    assert "```" in fake.calls[0].user_text
+@pytest.mark.parametrize(("fmt", "marker"), [("xml", '<file path="greet.py">'), ("markdown", "## greet.py\n\n```"),
+                                             ("plain", "=== greet.py ===")])
+def test_pack_format_option(fake, repo, fmt, marker):
+    assert main(["ask", "--format", fmt, str(repo), QUESTION]) == 0
+    assert marker in fake.calls[0].user_text
 
 
 def test_system_prompt_options(fake):
@@ -194,7 +197,7 @@ def test_pack_is_fitted_to_the_context_with_a_note(fake, tmp_path, capsys):
     assert main(["ask", "--max-tokens", "100", str(source), QUESTION]) == 0
     call = fake.calls[0]
     assert len(call.prompt_ids) + 100 <= fake.context_length
-    assert call.user_text.endswith("\n\n" + QUESTION)
+    assert call.user_text.endswith(ask_command.user_turn("", QUESTION))
     err = capsys.readouterr().err
     assert "the pack was fitted to" in err and "mini holds 1,500" in err
 

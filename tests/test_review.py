@@ -129,7 +129,7 @@ def test_staged_review_prompt_order_and_report(repo, fake, capsys):
     user = call.user_text
     assert call.system_text == review.REVIEW_SYSTEM
     # The pack of the repository first, then the diff, then the instructions last.
-    pack_at, diff_at, rules_at = user.index('<file path="README.md">'), user.index("+    return a - b"), \
+    pack_at, diff_at, rules_at = user.index("# Calc"), user.index("+    return a - b"), \
         user.index(review.REVIEW_INSTRUCTIONS)
     assert pack_at < diff_at < rules_at and user.endswith(review.REVIEW_INSTRUCTIONS)
     assert call.params.temperature == 0.0
@@ -144,6 +144,18 @@ def test_staged_review_prompt_order_and_report(repo, fake, capsys):
         "  1  info     mention div in the README\n"
         "4 findings in 2 files: 1 error, 1 warning, 2 infos\n"
     )
+
+
+@pytest.mark.parametrize(("fmt", "marker"), [("xml", '<file path="README.md">'), ("markdown", "## README.md\n\n```"),
+                                             ("plain", "=== README.md ===")])
+def test_format_option_lays_out_the_repository_pack(repo, fake, fmt, marker):
+    assert main(["review", "--staged", "--no-log", "--format", fmt]) == 0
+    assert marker in fake.calls[-1].user_text
+
+
+def test_unknown_format_is_a_usage_error(repo, fake, capsys):
+    assert main(["review", "--staged", "--format", "yaml"]) == 2
+    assert fake.calls == [] and "--format must be one of xml, markdown, plain" in capsys.readouterr().err
 
 
 def test_default_is_all_uncommitted_changes_and_range(repo, fake, capsys):
@@ -309,7 +321,8 @@ def test_reviews_are_logged_unless_no_log(repo, fake):
         assert summary.command == "review" and summary.title == "review of staged changes: src/calc.py"
         (exchange,) = store.get_conversation(summary.id).exchanges
         assert exchange.answer == "src/calc.py:2: error: wrong operator\n"
-        assert '<file path="README.md">' in store.blob(exchange.context_sha256)
+        context = store.blob(exchange.context_sha256)
+        assert "README.md" in context and "# Calc" in context and review.REVIEW_INSTRUCTIONS not in context
         assert exchange.question.endswith(review.REVIEW_INSTRUCTIONS)
     assert main(["review", "--staged", "--no-log"]) == 0
     with logs.LogStore() as store:
