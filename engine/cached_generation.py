@@ -14,8 +14,10 @@ runs from this call to the first token (lookup, load and prefill included).
 `dsv4 chat` calls `stream()` once per turn with the whole conversation and a `LiveState`:
 the model state stays in memory after a turn (with the ids it holds: prompt and answer), and
 the next turn rewinds it to where the new prompt stops agreeing with it (normally nowhere)
-and prefills only the new tokens; the disk cache is read only when nothing is kept, and each
-turn publishes the chunks it added. `Done.usage.cached_tokens` then counts the kept tokens.
+and prefills only the new tokens; the disk cache is read only when nothing is kept or when
+it holds more of the prompt than the kept state (`dsv4 serve` keeps one state across clients
+that send different documents), and each turn publishes the chunks it added.
+`Done.usage.cached_tokens` then counts the kept tokens.
 
 What `loaded` must offer (engine.runtime.LoadedModel does; a DeepSeek-V4 wrapper will too):
 `model` (an engine.llama.Llama or engine.deepseek_v4.model.Transformer: new_state() and
@@ -182,6 +184,17 @@ def stream(
         except (OSError, ValueError) as exc:
             report.warnings.append(f"prefix cache unavailable ({_one_line(exc)}); answering uncached")
             report.miss_reason = "the cache is unavailable"
+    if state is not None and cache is not None and state.length < n_chunks * chunk:
+        # A server answers many documents: the state kept from the last request may share
+        # only the template's first tokens with this prompt while the disk holds its prefix.
+        on_disk = _cached_tokens(cache, adapter, hashes, report)
+        if on_disk > state.length:
+            report.live_miss = (f"the disk cache holds more of this prompt ({on_disk:,} tokens) than the state "
+                                f"kept in memory ({state.length:,})")
+            report.live_tokens = 0
+            state.reset()
+            _restore(cache, adapter, state, prompt_ids, hashes, report)
+            published = state.length
     if state is None:
         state = loaded.model.new_state()
         if cache is not None:
@@ -281,6 +294,17 @@ def segment_ends(start: int, target: int, chunk: int, segment_tokens: int, parti
             ends.add(target - back)
             back *= 2
     return sorted(end for end in ends if start < end <= target)
+
+
+def _cached_tokens(cache: PrefixCache, adapter: StateAdapter, hashes: list[str], report: CacheReport) -> int:
+    """How many of the prompt's tokens the disk cache could restore (headers only; 0 on any error)."""
+    try:
+        with cache.reading():
+            match = cache.match(hashes, partial_ok=adapter.partial_ok)
+    except (OSError, ValueError, RuntimeError):
+        return 0
+    report.removed += match.removed
+    return sum(used for _, used in match.segments) * cache.chunk_tokens
 
 
 def _restore(cache: PrefixCache, adapter: StateAdapter, state: Any, prompt_ids: list[int], hashes: list[str], report: CacheReport) -> None:

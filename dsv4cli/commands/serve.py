@@ -37,6 +37,10 @@ class EngineServedModel:
         self.cache = cache
         self.supports_tools = encodes_tools(loaded.tokenizer)
         self.supports_thinking = thinking_supported(model_id, loaded)
+        # The state of the last answer stays in memory: the next request rewinds it to the
+        # prefix they share (a document, a conversation) and prefills only the rest, without
+        # reading that prefix back from the disk cache. One state: requests run one at a time.
+        self.live: Any = None
 
     def chat_prompt(self, messages: list[dict[str, Any]], *, thinking: bool = False) -> list[int]:
         if thinking:
@@ -51,8 +55,10 @@ class EngineServedModel:
 
         if not cached_generation.supports(self.loaded):
             return self.loaded.stream(prompt_ids, params, cancel=cancel)
+        if self.live is None:
+            self.live = cached_generation.LiveState()
         settings = cached_generation.CacheSettings(enabled=self.cache)
-        return cached_generation.stream(self.loaded, prompt_ids, params, settings=settings, cancel=cancel)
+        return cached_generation.stream(self.loaded, prompt_ids, params, settings=settings, cancel=cancel, live=self.live)
 
 
 def open_served_model(name_or_path: str, *, cache: bool = True) -> EngineServedModel:
