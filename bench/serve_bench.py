@@ -7,8 +7,9 @@ The server runs in this process on loopback (the real HTTP path, the real engine
 prefix cache in a temporary DSV4_HOME); clients are plain http.client streams in threads.
 "shared prefix": every request carries the same ~1,500-token document (CPython's
 Lib/textwrap.py) before a different question, and one warm-up request has published it to
-the cache; "distinct": each request's document differs from its first token, so nothing is
-reused. Requests are generated one at a time (the engine lock), so concurrency shows up as
+the cache; the server then starts each request from the state the previous one left in
+memory, rewound to where the questions differ; "distinct": each request's document differs
+from its first token, so nothing is reused. Requests are generated one at a time (the engine lock), so concurrency shows up as
 queueing in TTFT, not as throughput. Prints a Markdown table for bench/RESULTS.md.
 """
 

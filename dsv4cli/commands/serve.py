@@ -2,6 +2,8 @@
 
 The model is loaded once; every request goes through the persistent prefix cache, so
 clients that resend the same long prefix (a pack, a conversation) only prefill what is new.
+The last answer's state also stays in memory: a request that continues it or shares its
+document starts from there without reading the prefix back from disk.
 """
 
 from __future__ import annotations
