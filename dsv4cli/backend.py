@@ -90,7 +90,8 @@ class Backend:
         template_kwargs = template_kwargs or {}
         stop = {"cancel": cancel} if cancel is not None else {}  # stand-ins may take no cancel
         if self.is_remote:  # the server keeps its own prefix cache and renders its own template
-            return self.model.chat(messages, params, deadline=deadline, thinking=bool(template_kwargs.get("thinking")))
+            return self.model.chat(alternating(messages), params, deadline=deadline,
+                                   thinking=bool(template_kwargs.get("thinking")))
         from engine import cached_generation  # imports torch, which loading the model already did
 
         if not cached_generation.supports(self.model):
@@ -108,6 +109,19 @@ class Backend:
         if self.is_remote:
             return _open_remote(str(self.url), name, exact=True)
         return open_local(name)
+
+
+def alternating(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Consecutive user messages (the pack, then the question: ask.question_turns) joined into
+    one: some servers' chat templates (Gemma's, Mistral's) reject two user turns in a row.
+    The pack still comes first, so the server's prefix cache keeps it."""
+    out: list[dict[str, str]] = []
+    for message in messages:
+        if out and message["role"] == "user" and out[-1]["role"] == "user" and set(message) == set(out[-1]) == {"role", "content"}:
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            out.append(message)
+    return out
 
 
 def open_backend(model: str, url: str | None, *, deadline: float | None = None) -> Backend:

@@ -59,7 +59,7 @@ def test_ask_logs_one_conversation(fake, monkeypatch, capsys, tmp_path):
         assert stored.answer == "The answer is 42."
         context = store.blob(stored.context_sha256)
     # The logged context and question rebuild exactly the user turn the model was asked.
-    assert ask_command.user_turn(context, stored.question) == fake.calls[-1].user_text
+    assert ask_command.question_turns(context, stored.question) == fake.calls[-1].messages[1:]
 
 
 def test_ask_no_log_writes_nothing(fake, monkeypatch, capsys):
@@ -103,14 +103,13 @@ def test_each_turn_extends_the_previous_prompt(fake, monkeypatch, capsys, repo, 
     out = capsys.readouterr().out
     assert out == "The answer is 42.\n" * 3  # stdout holds only the answers
     assert len(fake.calls) == 3
-    first_user = fake.calls[0].messages[1]["content"]
-    pack = ask_command.context_of(first_user, "first?")  # the pack first, the question last
+    pack = ask_command.context_of(fake.calls[0].messages, "first?")  # the pack first, the question last
     assert pack is not None and pack.lstrip().index("greet.py") < 16 and "def greet" in pack
     texts = [tokenizer.render_chat_text(call.messages) for call in fake.calls]
     for before, after in zip(texts, texts[1:]):
         assert after.startswith(before)  # the whole earlier prompt is the next one's prefix
-    assert [m["role"] for m in fake.calls[2].messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert fake.calls[2].messages[2]["content"] == "The answer is 42."
+    assert [m["role"] for m in fake.calls[2].messages] == ["system", "user", "user", "assistant", "user", "assistant", "user"]
+    assert fake.calls[2].messages[3]["content"] == "The answer is 42."
     # The pack appears once, in the first user message only.
     assert sum("greet.py" in m["content"] for m in fake.calls[2].messages) == 1
 
@@ -119,7 +118,7 @@ def test_each_turn_extends_the_previous_prompt(fake, monkeypatch, capsys, repo, 
                                              ("plain", "=== greet.py ===")])
 def test_format_option_lays_out_the_pack_as_ask_does(fake, monkeypatch, repo, fmt, marker):
     assert _chat(monkeypatch, "first?\n", "--format", fmt, str(repo)) == 0
-    assert marker in fake.calls[0].user_text
+    assert marker in fake.calls[0].messages[1]["content"]
 
 
 def test_unknown_format_is_a_usage_error(fake, monkeypatch, capsys, repo):
@@ -132,7 +131,8 @@ def test_clear_forgets_the_turns_but_keeps_the_pack(fake, monkeypatch, capsys, r
     assert "conversation cleared" in capsys.readouterr().err
     first, again = fake.calls
     assert again.messages[:-1] == first.messages[:-1]
-    assert again.user_text.endswith(ask_command.user_turn("", "again?")) and len(again.messages) == 2
+    assert again.messages[-2:] == ask_command.question_turns(first.messages[-2]["content"], "again?")
+    assert len(again.messages) == 3
 
 
 @pytest.mark.parametrize("suffix", [".json", ".md"])

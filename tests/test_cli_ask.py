@@ -77,6 +77,11 @@ def repo(tmp_path) -> Path:
     return root
 
 
+def _prompt(call) -> str:
+    """All the user messages of a call: the pack and the question are messages of their own."""
+    return "\n\n".join(m["content"] for m in call.messages if m["role"] == "user")
+
+
 def _pipe(monkeypatch, text: str) -> None:
     monkeypatch.setattr(sys, "stdin", PipedStdin(text))
 
@@ -101,8 +106,9 @@ def test_sources_are_packed_first_and_the_question_last(fake, repo, tokenizer, c
     expected_pack = ingest.pack([str(repo)], options=ingest.PackOptions(format=ask_command.DEFAULT_PACK_FORMAT),
                                 tokenizer=tokenizer, cache_dir=paths.cache_dir())
     (call,) = fake.calls
-    assert call.user_text == ask_command.user_turn(expected_pack.text, QUESTION)
-    assert 'return f"hello {name}"' in call.user_text.split(QUESTION)[0]
+    assert call.messages[1:] == ask_command.question_turns(expected_pack.text, QUESTION)
+    assert call.messages[1:] == [{"role": "user", "content": expected_pack.text}, {"role": "user", "content": QUESTION}]
+    assert 'return f"hello {name}"' in call.messages[1]["content"]
     assert capsys.readouterr().out == "The answer is 42.\n"
 
 
@@ -111,7 +117,7 @@ def test_piped_stdin_without_source_is_the_context(fake, monkeypatch, capsys):
     _pipe(monkeypatch, diff)
     assert main(["ask", "review this"]) == 0
     # Piped text alone goes in as it is, first, with the question last.
-    assert fake.calls[0].user_text == ask_command.user_turn(diff, "review this")
+    assert fake.calls[0].messages[1:] == ask_command.question_turns(diff, "review this")
 
 
 def test_piped_stdin_too_long_for_the_context(fake, monkeypatch, capsys):
@@ -132,21 +138,21 @@ def test_empty_pipe_means_the_question_alone(fake, monkeypatch):
 def test_dash_reads_stdin_beside_other_sources(fake, repo, monkeypatch):
     _pipe(monkeypatch, "NOTES FROM STDIN\n")
     assert main(["ask", str(repo), "-", QUESTION]) == 0
-    user = fake.calls[0].user_text
-    assert "NOTES FROM STDIN" in user and "def greet" in user and user.endswith(ask_command.user_turn("", QUESTION))
+    user = _prompt(fake.calls[0])
+    assert "NOTES FROM STDIN" in user and "def greet" in user and fake.calls[0].user_text == QUESTION
 
 
 def test_piped_stdin_is_ignored_when_sources_are_given(fake, repo, monkeypatch):
     _pipe(monkeypatch, "SHOULD NOT APPEAR\n")
     assert main(["ask", str(repo), QUESTION]) == 0
-    assert "SHOULD NOT APPEAR" not in fake.calls[0].user_text
+    assert "SHOULD NOT APPEAR" not in _prompt(fake.calls[0])
 
 
 @pytest.mark.parametrize(("fmt", "marker"), [("xml", '<file path="greet.py">'), ("markdown", "## greet.py\n\n```"),
                                              ("plain", "=== greet.py ===")])
 def test_pack_format_option(fake, repo, fmt, marker):
     assert main(["ask", "--format", fmt, str(repo), QUESTION]) == 0
-    assert marker in fake.calls[0].user_text
+    assert marker in _prompt(fake.calls[0])
 
 
 def test_system_prompt_options(fake):
@@ -197,7 +203,7 @@ def test_pack_is_fitted_to_the_context_with_a_note(fake, tmp_path, capsys):
     assert main(["ask", "--max-tokens", "100", str(source), QUESTION]) == 0
     call = fake.calls[0]
     assert len(call.prompt_ids) + 100 <= fake.context_length
-    assert call.user_text.endswith(ask_command.user_turn("", QUESTION))
+    assert call.user_text == QUESTION and "module_00.py" in _prompt(call)
     err = capsys.readouterr().err
     assert "the pack was fitted to" in err and "mini holds 1,500" in err
 
@@ -482,3 +488,13 @@ def test_mini_names_the_function_in_a_packed_repository(dsv4_home, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "calculate_shipping_cost" in result.stdout
+
+
+def test_a_server_gets_the_pack_and_the_question_as_one_user_message():
+    from dsv4cli.backend import alternating
+
+    messages = [{"role": "system", "content": "S"}, *ask_command.question_turns("PACK\n", QUESTION)]
+    assert alternating(messages) == [{"role": "system", "content": "S"},
+                                     {"role": "user", "content": "PACK\n\n\n" + QUESTION}]
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert alternating(turns) == turns  # already alternating: unchanged

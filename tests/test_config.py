@@ -253,7 +253,7 @@ def test_configured_excludes_reach_the_pack_ask_builds(excluding_repo, fake_mode
     monkeypatch.setattr(sys, "stdin", _Terminal())
     _configure_excludes(excluding_repo, where, monkeypatch)
     assert main(["ask", "--no-log", ".", "what is here?"]) == 0
-    prompt = fake_model.calls[-1].user_text
+    prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "APP_BODY" in prompt and "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt
     assert "build/gen.py" not in prompt  # left out, not listed
 
@@ -262,7 +262,7 @@ def test_user_file_excludes_alone_reach_ask(excluding_repo, fake_model, monkeypa
     monkeypatch.setattr(sys, "stdin", _Terminal())
     _user('exclude = ["*.secret"]\n')
     assert main(["ask", "--no-log", ".", "q"]) == 0
-    prompt = fake_model.calls[-1].user_text
+    prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "SECRET_BODY" not in prompt and "GENERATED_BODY" in prompt
 
 
@@ -270,7 +270,7 @@ def test_configured_excludes_reach_the_pack_chat_builds(excluding_repo, fake_mod
     (excluding_repo / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
     monkeypatch.setattr(sys, "stdin", _Piped("what is here?\n"))
     assert main(["chat", "--no-log", "."]) == 0
-    prompt = fake_model.calls[-1].user_text
+    prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "APP_BODY" in prompt and "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt
 
 
@@ -279,6 +279,6 @@ def test_configured_excludes_reach_the_pack_review_builds(excluding_repo, fake_m
     (excluding_repo / "app.py").write_text("def app():\n    return 'CHANGED'\n")
     monkeypatch.setattr(sys, "stdin", _Terminal())
     assert main(["review"]) == 0
-    prompt = fake_model.calls[-1].user_text
+    prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "APP_BODY" in prompt or "CHANGED" in prompt
     assert "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt

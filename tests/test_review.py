@@ -34,6 +34,11 @@ class _Terminal(io.StringIO):
         return True
 
 
+def _prompt(call: Any) -> str:
+    """All the user messages of a call: the pack and the diff are messages of their own."""
+    return "\n\n".join(m["content"] for m in call.messages if m["role"] == "user")
+
+
 def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, env={**os.environ, **_GIT_ENV}, check=True,
                           capture_output=True, text=True).stdout
@@ -126,7 +131,7 @@ def test_staged_review_prompt_order_and_report(repo, fake, capsys):
     fake.answer = [MESSY_ANSWER]
     assert main(["review", "--staged"]) == 0
     (call,) = fake.calls
-    user = call.user_text
+    user = _prompt(call)
     assert call.system_text == review.REVIEW_SYSTEM
     # The pack of the repository first, then the diff, then the instructions last.
     pack_at, diff_at, rules_at = user.index("# Calc"), user.index("+    return a - b"), \
@@ -150,7 +155,7 @@ def test_staged_review_prompt_order_and_report(repo, fake, capsys):
                                              ("plain", "=== README.md ===")])
 def test_format_option_lays_out_the_repository_pack(repo, fake, fmt, marker):
     assert main(["review", "--staged", "--no-log", "--format", fmt]) == 0
-    assert marker in fake.calls[-1].user_text
+    assert marker in _prompt(fake.calls[-1])
 
 
 def test_unknown_format_is_a_usage_error(repo, fake, capsys):
@@ -162,6 +167,7 @@ def test_default_is_all_uncommitted_changes_and_range(repo, fake, capsys):
     (repo / "README.md").write_text("# Calc\n\nUnstaged line.\n")
     assert main(["review"]) == 0
     assert "+Unstaged line." in fake.calls[-1].user_text and "+    return a - b" in fake.calls[-1].user_text
+    assert "README.md" in fake.calls[-1].messages[1]["content"]  # the repository's pack, before the diff
     assert "uncommitted changes · 2 files changed" in capsys.readouterr().out
     git(repo, "commit", "-q", "-m", "second")
     assert main(["review", "--range", "HEAD~1..HEAD"]) == 0

@@ -3,6 +3,8 @@
 The prompt is the pack first and the question last, so the pack is a prefix that stays the
 same from one question to the next (the prefix cache's unit). The pack is fitted to what
 the model's context leaves after the system prompt, the question and --max-tokens.
+The layout (a plain-text pack in a user message of its own, the question in the next one)
+is the one that scored best in bench/answer_quality.py with the embedded mini.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ DEFAULT_SYSTEM = (
     "Answer the question accurately and concisely, using the provided files when there are any."
 )
 DEFAULT_MAX_TOKENS = 512
-PACK_QUESTION_SEPARATOR = "\n\n"
 PACK_FORMATS = ("xml", "markdown", "plain")
-DEFAULT_PACK_FORMAT = "xml"
+# Plain: mini copies XML or Markdown markup back instead of answering (bench/answer_quality.py).
+# `dsv4 pack` keeps its own default.
+DEFAULT_PACK_FORMAT = "plain"
 PACK_FORMAT_METAVAR = "|".join(PACK_FORMATS)
 FORMAT_HELP = "Layout of the pack."
 # Tokens kept free besides the counted template: BPE may merge across the pack/question join.
@@ -219,7 +222,7 @@ def run_ask(arguments: list[str], options: AskOptions, *, clock: Callable[[], fl
     if options.verbose and view.done is not None:
         render.print_stats(view.done, model=name, load_s=load_s)
     if options.log:
-        context = context_of(messages[-1]["content"], inputs.question) if inputs.has_context else None
+        context = context_of(messages, inputs.question) if inputs.has_context else None
         log_exchange(name, inputs.question, view.text, view.done, system=options.system, context=context,
                      elapsed_s=clock() - started - load_s)
 
@@ -253,24 +256,28 @@ def log_exchange(model: str, question: str, answer: str, done: Done | None, *, s
         return conversation_id
 
 
-def user_turn(context: str, question: str) -> str:
-    """The user message that carries a context: the context (a pack, piped text) first and the
-    question last, so the context is a prefix that stays cached from question to question.
-    ask, chat's first turn and review all use it; bench/answer_quality.py chose the layout."""
-    return context + PACK_QUESTION_SEPARATOR + question
+def question_turns(context: str | None, question: str) -> list[dict[str, str]]:
+    """The user messages that ask `question`: with a context (a pack, piped text), the context
+    is a message of its own and the question the next one. The context comes first, so it is
+    a prefix that stays cached from question to question, and it ends where the chat template
+    closes a message, so no token merges it with the question. ask, chat's first turn and
+    review all use it; bench/answer_quality.py measured it best for mini."""
+    question_turn = {"role": "user", "content": question}
+    return [question_turn] if context is None else [{"role": "user", "content": context}, question_turn]
 
 
-def context_of(content: str, question: str) -> str | None:
-    """The context back out of a `user_turn` (the conversation log keeps it apart), or None
-    when `content` is not one."""
-    tail = user_turn("", question)
-    return content[: -len(tail)] if content.endswith(tail) else None
+def context_of(messages: list[dict[str, str]], question: str) -> str | None:
+    """The context of `question_turns` back out of a prompt's messages (the conversation log
+    keeps it apart), or None when the question was asked alone."""
+    if len(messages) >= 2 and messages[-1] == {"role": "user", "content": question} and messages[-2]["role"] == "user":
+        return messages[-2]["content"]
+    return None
 
 
 def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: str) -> list[dict[str, str]]:
-    """System prompt, then one user turn: the pack (fitted to the context), then the question."""
+    """System prompt, then the pack (fitted to the context) and the question (`question_turns`)."""
     head = [{"role": "system", "content": options.system}] if options.system else []
-    question_only = head + [{"role": "user", "content": inputs.question}]
+    question_only = head + question_turns(None, inputs.question)
     tokenizer = model.tokenizer
     context = model.context_length
     if not inputs.has_context:
@@ -278,7 +285,7 @@ def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: 
         _check_room(prompt_tokens, options.max_tokens, context, name)
         return question_only
 
-    overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": user_turn("", inputs.question)}]))
+    overhead = len(tokenizer.render_chat(head + question_turns("", inputs.question)))
     _check_room(overhead + _JOIN_SLACK_TOKENS, options.max_tokens, context, name)
     budget = context - overhead - _JOIN_SLACK_TOKENS - options.max_tokens
     if inputs.stdin_only:
@@ -294,7 +301,7 @@ def _messages(model: LoadedModel, inputs: AskInputs, options: AskOptions, name: 
             )
     else:
         context_text = _pack(inputs, options, tokenizer, budget, context, name).text
-    return head + [{"role": "user", "content": user_turn(context_text, inputs.question)}]
+    return head + question_turns(context_text, inputs.question)
 
 
 def _check_room(prompt_tokens: int, max_tokens: int, context: int, name: str) -> None:

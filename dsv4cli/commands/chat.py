@@ -94,10 +94,8 @@ class ChatSession:
     def messages(self, question: str) -> list[dict[str, str]]:
         out = [{"role": "system", "content": self.system}] if self.system else []
         for index, turn in enumerate([*self.turns, Turn(question, "")]):
-            content = turn.question
-            if index == 0 and self.context is not None:
-                content = ask_command.user_turn(self.context, turn.question)
-            out.append({"role": "user", "content": content})
+            # The pack goes before the first question only, as `dsv4 ask` lays it out.
+            out += ask_command.question_turns(self.context if index == 0 else None, turn.question)
             if index < len(self.turns):
                 out.append({"role": "assistant", "content": turn.answer})
         return out
@@ -227,7 +225,7 @@ class _Chat:
     def pack(self, sources: list[str], system: str | None) -> str:
         tokenizer, context = self.model.tokenizer, self.model.context_length
         head = [{"role": "system", "content": system}] if system else []
-        overhead = len(tokenizer.render_chat(head + [{"role": "user", "content": ask_command.user_turn("", "")}]))
+        overhead = len(tokenizer.render_chat(head + ask_command.question_turns("", "")))
         room = context - overhead - ask_command._JOIN_SLACK_TOKENS - self.options.max_tokens
         budget = int(room * PACK_SHARE)
         if budget <= 0:

@@ -441,8 +441,7 @@ def _log(name: str, title: str, messages: list[dict[str, str]], question: str, a
 
     if logs.logging_disabled():
         return
-    user = messages[-1]["content"]
-    context = ask_command.context_of(user, question)
+    context = ask_command.context_of(messages, question)
     usage, timings = (done.usage, done.timings) if done is not None else (None, None)
     exchange = logs.Exchange(
         model=name, question=question, answer=answer, system=REVIEW_SYSTEM, context=context or None,
