@@ -144,6 +144,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"
     server_version = "dsv4"
+    # TCP_NODELAY: a response is written as headers then body (and a stream as one write per
+    # event); with Nagle's algorithm the second write waits for the client's delayed ACK,
+    # 40 ms per answer on a kept-alive connection (the openai client keeps them).
+    disable_nagle_algorithm = True
+    _chunked = False  # whether the response being written uses chunked transfer encoding
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # stdout is the payload channel, and per-request lines on stderr are noise
@@ -157,6 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(self._post)
 
     def _dispatch(self, handler: Callable[[], None]) -> None:
+        self._chunked = False  # one handler serves every request on its connection
         try:
             self._check_auth()
             handler()
@@ -333,9 +339,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
+        # HTTP/1.1: chunked, so the connection serves the client's next request too;
+        # an HTTP/1.0 client reads the stream until the connection closes.
+        self._chunked = self.request_version == "HTTP/1.1"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
-        self.close_connection = True
         head = {"id": answer_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.server.model.model_id}
 
@@ -397,6 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
             if include_usage:
                 self._send_event({**head, "choices": [], "usage": _usage(done)})
             self._write(b"data: [DONE]\n\n")
+            if self._chunked:
+                self._write(b"")  # the last chunk: the answer is complete
         except _ClientGone:
             # The engine sees the flag before its next token and ends with Done("cancelled").
             cancelled.set()
@@ -425,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
     def _write(self, data: bytes) -> None:
+        if self._chunked:  # one chunk per write; an empty one ends the body
+            data = b"%x\r\n%s\r\n" % (len(data), data)
         try:
             self.wfile.write(data)
             self.wfile.flush()

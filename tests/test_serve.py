@@ -257,6 +257,54 @@ def test_missing_or_wrong_api_key_is_401(server):
         client_for(server, key="wrong").models.list()
 
 
+def test_answers_on_a_kept_alive_connection_are_not_held_back(server):
+    """Headers and body go out as two writes: with Nagle's algorithm on, the body waited for
+    the client's delayed ACK, 40 ms per answer once a connection is reused."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    connection.request("GET", "/v1/models", headers=headers)
+    connection.getresponse().read()
+    started = time.perf_counter()
+    for _ in range(5):
+        connection.request("GET", "/v1/models", headers=headers)
+        assert connection.getresponse().read()
+        connection.request("POST", "/v1/chat/completions", body=b"{", headers=headers)  # a 400 answer, same path
+        refused = connection.getresponse()
+        assert refused.status == 400 and json.loads(refused.read())["error"]["code"] == "invalid_json"
+    elapsed = time.perf_counter() - started
+    connection.close()
+    assert elapsed < 0.2, f"10 answers on one connection took {elapsed:.3f} s"
+
+
+def test_a_stream_leaves_the_connection_open_for_the_next_request(server):
+    """Streams are chunked (HTTP/1.1), so a client reuses its connection; an HTTP/1.0 client
+    gets the stream up to the connection's end instead."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"messages": HELLO, "max_tokens": 3, "temperature": 0, "stream": True})
+    streams = []
+    for _ in range(2):
+        connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        response = connection.getresponse()
+        assert response.getheader("Transfer-Encoding") == "chunked" and not response.will_close
+        streams.append(response.read())
+    sock = connection.sock
+    connection.request("GET", "/v1/models", headers=headers)
+    assert connection.getresponse().read() and connection.sock is sock  # still the first connection
+    connection.close()
+    assert all(stream.startswith(b"data: ") and stream.endswith(b"data: [DONE]\n\n") for stream in streams)
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        raw.sendall(f"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer {API_KEY}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        received = b""
+        while chunk := raw.recv(65536):  # the server closes the connection after the stream
+            received += chunk
+    head, _, stream = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert stream.startswith(b"data: ") and stream.endswith(b"data: [DONE]\n\n")
+
+
 def test_unknown_route_is_404(server):
     assert_error(*raw_request(server, "GET", "/v2/nothing"), 404, "not_found")
 
