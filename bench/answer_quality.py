@@ -29,12 +29,13 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._shared import ROOT, find_gguf  # noqa: E402
+from bench._shared import ROOT, find_gguf
 
 STDLIB = Path(os.__file__).resolve().parent
 MAX_TOKENS = 48
@@ -185,7 +186,7 @@ class Bench:
             self._answers[ids] = next((e.text for e in events if isinstance(e, Done)), "")
         return self._answers[ids]
 
-    def score(self, label: str, build: callable) -> Score:  # type: ignore[valid-type]
+    def score(self, label: str, build: Callable[[Question], list[dict[str, str]]]) -> Score:
         score = Score()
         started = time.perf_counter()
         for question in self.questions:
