@@ -490,6 +490,22 @@ def test_mini_names_the_function_in_a_packed_repository(dsv4_home, tmp_path):
     assert "calculate_shipping_cost" in result.stdout
 
 
+@pytest.mark.model
+@pytest.mark.slow
+def test_mini_answers_chat_about_a_file_instead_of_copying_it(dsv4_home, tmp_path):
+    # The reported regression: with an XML pack in the same message as the question, mini
+    # wrote the pack back (`<file name="errors.py"> ...`) instead of naming a class.
+    _install_real_mini(dsv4_home)
+    source = tmp_path / "errors.py"
+    source.write_text((Path(__file__).resolve().parent.parent / "engine" / "errors.py").read_text())
+    result = _run_cli(["chat", "--no-log", "--max-tokens", "48", str(source)], home=dsv4_home,
+                      stdin="Name one error class in this file.\n")
+    assert result.returncode == 0, result.stderr
+    answer = result.stdout.lstrip()
+    assert not answer.startswith(("<file", "===", "##", "```")), answer
+    assert any(name in answer for name in ("EngineError", "ModelNotFound", "ModelFormatError", "ContextOverflow", "FetchError"))
+
+
 def test_a_server_gets_the_pack_and_the_question_as_one_user_message():
     from dsv4cli.backend import alternating
 
