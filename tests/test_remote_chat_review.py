@@ -190,11 +190,11 @@ def test_chat_sends_the_conversation_each_turn_and_reports_the_servers_usage(eng
     first, second = model.requests
     # Byte-stable: the second request starts with the first, then its answer and the new question.
     assert second[: len(first)] == first
-    assert first[0]["role"] == "system" and first[-1]["content"].startswith("<") and first[-1]["content"].endswith("What is the greeting like?")
+    assert first[0]["role"] == "system" and first[-1]["content"].startswith("=== notes.md ===") and first[-1]["content"].endswith("What is the greeting like?")
     assert second[len(first):] == [{"role": "assistant", "content": model.dones[0].text},
                                    {"role": "user", "content": "And the notes?"}]
     # stdout holds the two answers and nothing else (the tiny model writes mostly whitespace)
-    assert captured.out.split() == "".join(done.text for done in model.dones).split()
+    assert captured.out.split() == "\n".join(done.text for done in model.dones).split()
     assert captured.out.count("\n") >= 2
 
     stats = re.findall(r"last turn: prompt ([\d,]+) tokens \(([\d,]+) cached\)", captured.err)
