@@ -124,6 +124,13 @@ class ApiServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropping a kept-alive connection is routine, not worth a traceback on the
+        # server's stderr; anything else still gets the standard report.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")

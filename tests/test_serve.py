@@ -660,3 +660,18 @@ def test_a_malformed_call_block_reaches_the_client_as_text(dsv4_loaded):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_client_resetting_a_kept_alive_connection_leaves_no_traceback(server, capfd):
+    import socket
+    import struct
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode())
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # Close with RST: the server's thread is waiting for the next request on this connection.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    time.sleep(0.3)
+    assert raw_request(server, "GET", "/v1/models")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
