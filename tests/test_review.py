@@ -5,10 +5,7 @@ parsing a messy answer without inventing findings, the report, --fail-on, --time
 from __future__ import annotations
 
 import functools
-import io
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,26 +19,13 @@ from dsv4cli.commands import ask as ask_command
 from dsv4cli.commands import review
 from engine.events import Event, SamplingParams
 from tests.fake_engine import FakeModel, tiny_tokenizer
-
-_GIT_ENV = {
-    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+from tests.gitrepos import calc_repo_with_change, git
+from tests.stdins import TerminalStdin
 
 
 def _prompt(call: Any) -> str:
     """All the user messages of a call: the pack and the diff are messages of their own."""
     return "\n\n".join(m["content"] for m in call.messages if m["role"] == "user")
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, env={**os.environ, **_GIT_ENV}, check=True,
-                          capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="session")
@@ -51,17 +35,9 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "repo"
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a + b\n")
-    (root / "README.md").write_text("# Calc\n")
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "init")
-    (root / "src" / "calc.py").write_text("def add(a, b):\n    return a - b\n\n\ndef div(a, b):\n    return a / b\n")
-    git(root, "add", "src/calc.py")
+    root = calc_repo_with_change(tmp_path / "repo", staged=True)
     monkeypatch.chdir(root)
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     for name in ("DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT", "DSV4_NO_LOG"):
         monkeypatch.delenv(name, raising=False)
     return root
