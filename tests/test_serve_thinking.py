@@ -10,17 +10,17 @@ served reasoning as it shows the engine's."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 import sys
 
 import pytest
-from dsv4_tiny import write_tiny_model
 
 from dsv4cli.app import main
 from dsv4cli.commands.serve import EngineServedModel, build_server
 from dsv4cli.server import ApiServer, ReasoningSeparator, start_in_thread
-from tests.test_serve import WEATHER_TOOL, D, ForcedReply, as_generated
+from tests.dsv4_tiny import ForcedReply, load_tiny_model
+from tests.stdins import TerminalStdin
+from tests.test_serve import WEATHER_TOOL, D, as_generated
 from tests.tinymodels import write_tiny_llama_gguf
 
 openai = pytest.importorskip("openai")
@@ -30,16 +30,9 @@ QUESTION = [{"role": "user", "content": "2+2?"}]
 THINK_ON = {"chat_template_kwargs": {"thinking": True}}
 
 
-class TerminalStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.fixture(scope="module")
 def v4_loaded(tmp_path_factory):
-    import engine
-
-    return engine.load(str(write_tiny_model(tmp_path_factory.mktemp("serve-think") / "tiny-v4")), device="cpu")
+    return load_tiny_model(tmp_path_factory.mktemp("serve-think") / "tiny-v4")
 
 
 def scripted_server(loaded, reply: str, model_id: str = "v4") -> ApiServer:
