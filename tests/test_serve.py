@@ -5,7 +5,6 @@ goes away mid-stream, the 4xx error bodies, and `dsv4 ask --backend` against it.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from dsv4cli.app import main
 from dsv4cli.commands.serve import EngineServedModel, build_server
 from dsv4cli.server import ApiServer, start_in_thread
 from engine.events import Done, Event, PrefillProgress, SamplingParams, TextDelta, Timings, Usage
+from tests.stdins import TerminalStdin
 from tests.tinymodels import write_tiny_llama_gguf
 
 openai = pytest.importorskip("openai")
@@ -101,13 +101,19 @@ def test_completions_with_a_prompt_string(server, tiny_model):
     assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
 
 
-def test_stop_string_and_seed_are_passed_to_the_engine(server):
-    client = client_for(server)
+def _greedy_answer_and_a_cut(client, start: int) -> tuple[str, str]:
+    """The greedy answer to HELLO and the two characters of it from `start` on, to stop at;
+    the test is skipped when the answer is too short to cut there."""
     free = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0)
     text = free.choices[0].message.content
-    if len(text) < 3:
+    if len(text) < start + 2:
         pytest.skip("the tiny model's answer is too short to cut")
-    stop = text[1:3]
+    return text, text[start : start + 2]
+
+
+def test_stop_string_and_seed_are_passed_to_the_engine(server):
+    client = client_for(server)
+    _, stop = _greedy_answer_and_a_cut(client, start=1)
     cut = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0, stop=[stop])
     assert stop not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
     sampled = [client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
@@ -309,14 +315,6 @@ def test_unknown_route_is_404(server):
     assert_error(*raw_request(server, "GET", "/v2/nothing"), 404, "not_found")
 
 
-class TerminalStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-    def read(self, *args: object) -> str:
-        raise AssertionError("a terminal stdin must never be read")
-
-
 def test_ask_with_backend_against_serve(server, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", TerminalStdin())
     monkeypatch.setenv("DSV4_API_KEY", API_KEY)
@@ -434,11 +432,7 @@ def test_max_completion_tokens_limits_the_answer_and_wins_over_max_tokens(server
 
 def test_stop_strings_cut_a_streamed_answer_too(server):
     client = client_for(server)
-    free = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0)
-    text = free.choices[0].message.content
-    if len(text) < 4:
-        pytest.skip("the tiny model's answer is too short to cut")
-    stop = text[2:4]
+    text, stop = _greedy_answer_and_a_cut(client, start=2)
     chunks = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0,
                                                  stop=stop, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -510,39 +504,11 @@ CALL_REPLY = (
 )
 
 
-class ForcedReply:
-    """The tiny DeepSeek-V4 model with the logits of each next token forced onto a scripted
-    reply, so the real generation loop, detokenizer and server produce it (one reply per
-    request: the first forced step of a request restarts the script)."""
-
-    def __init__(self, model, reply: list[int]):
-        self._model, self._reply, self.args = model, reply, model.args
-        self._left: list[int] = []
-        self.prompt: list[int] = []  # the last request's prompt, as the model was fed it
-
-    def new_state(self, *args, **kwargs):
-        self._left, self.prompt = list(self._reply), []
-        return self._model.new_state(*args, **kwargs)
-
-    def __call__(self, tokens, state, output="all"):
-        import torch
-
-        if len(self._left) == len(self._reply):  # still prefilling
-            self.prompt += tokens[0].tolist()
-        logits = self._model(tokens, state, output=output)
-        if output != "last":
-            return logits
-        forced = torch.full_like(logits, -1e9)
-        forced[..., -1, self._left.pop(0)] = 0.0
-        return forced
-
-
 @pytest.fixture(scope="module")
 def dsv4_loaded(tmp_path_factory):
-    import engine
-    from dsv4_tiny import write_tiny_model
+    from tests.dsv4_tiny import load_tiny_model
 
-    return engine.load(str(write_tiny_model(tmp_path_factory.mktemp("dsv4-serve") / "tiny-v4")), device="cpu")
+    return load_tiny_model(tmp_path_factory.mktemp("dsv4-serve") / "tiny-v4")
 
 
 def as_generated(tokenizer, text: str) -> list[int]:
@@ -559,6 +525,8 @@ def as_generated(tokenizer, text: str) -> list[int]:
 
 def dsv4_server(loaded, reply_text: str) -> ApiServer:
     import copy
+
+    from tests.dsv4_tiny import ForcedReply
 
     scripted = copy.copy(loaded)
     tokenizer = loaded.tokenizer
