@@ -149,11 +149,9 @@ def test_a_state_that_cannot_be_rewound_falls_back_to_the_disk_cache(tmp_path_fa
 @pytest.mark.slow
 def test_mini_second_turn_prefills_only_its_new_tokens():
     import engine
-    from tests.tinymodels import real_model_gguf
+    from tests.tinymodels import real_model_gguf_or_skip
 
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real model is not installed")
+    path = real_model_gguf_or_skip()
     loaded = engine.load(str(path))
     source = "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(40))
     params = SamplingParams(max_tokens=16, repetition_penalty=1.1)
