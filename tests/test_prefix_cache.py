@@ -21,7 +21,11 @@ from engine.cached_generation import CacheSettings
 from engine.events import Done, PrefillProgress, SamplingParams
 from engine.prefix_cache import Fingerprint, PrefixCache, TensorData, chain_hashes
 from engine.prefix_state import DSV4Adapter, adapter_for
-from tests.tinymodels import real_model_gguf, tiny_vocab_text, write_tiny_llama_gguf
+from tests.tinymodels import (
+    real_model_gguf_or_skip,
+    tiny_vocab_text,
+    write_tiny_llama_gguf,
+)
 
 CHUNK = 32
 SETTINGS = CacheSettings(chunk_tokens=CHUNK, segment_bytes=CHUNK * 4 * 256)  # 4 chunks a segment
@@ -299,9 +303,7 @@ def test_deepseek_v4_segments_restore_the_state_exactly(tmp_path):
 @pytest.mark.model
 @pytest.mark.slow
 def test_real_mini_warm_equals_cold():
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real mini GGUF is not installed")
+    path = real_model_gguf_or_skip()
     mini = engine.load(str(path))
     text = Path(engine.__file__).with_name("generate.py").read_text()
     ids = mini.tokenizer.render_chat([{"role": "user", "content": text[:2500] + "\n\nWhat does stream() yield?"}])
