@@ -215,11 +215,9 @@ def test_open_remote_picks_the_served_model_and_its_context(stub, monkeypatch):
 @pytest.mark.model
 def test_estimating_tokenizer_counts_no_fewer_tokens_than_a_real_bpe():
     from engine.tokenizer import Tokenizer
-    from tests.tinymodels import real_model_gguf
+    from tests.tinymodels import real_model_gguf_or_skip
 
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real model is not installed")
+    path = real_model_gguf_or_skip()
     real = Tokenizer.from_gguf(path)
     for text in (
         Path(remote_module.__file__).read_text(),
