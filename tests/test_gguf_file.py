@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile
-from tests.tinymodels import IM_END_ID, IM_START_ID, real_model_gguf, tiny_llama_weights, tiny_vocab, write_tiny_llama_gguf
+from tests.tinymodels import IM_END_ID, IM_START_ID, real_model_gguf_or_skip, tiny_llama_weights, tiny_vocab, write_tiny_llama_gguf
 
 QUANTS = ["Q4_1", "Q8_0", "F32", "F16", "BF16"]
 
@@ -145,9 +145,7 @@ def test_metadata_reading_needs_neither_numpy_nor_torch(tiny_files):
 
 @pytest.mark.model
 def test_real_model_metadata_reads_cheaply(monkeypatch):
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real SmolLM2 GGUF is not installed")
+    path = real_model_gguf_or_skip()
     # What keeps this cheap: no gguf.GGUFReader (a numpy slice per string), the big string
     # arrays decoded only on use and once each, tensor views built only on use.
     def must_not_use_reader(*args, **kwargs):
