@@ -206,11 +206,9 @@ def test_whole_pack_cache_skips_files_changed_just_now(tmp_path, tokenizer):
 @pytest.mark.parametrize("fmt", ["xml", "markdown", "plain"])
 def test_real_tokenizer_counts_add_up_on_this_repository(fmt):
     from engine.tokenizer import Tokenizer
-    from tests.tinymodels import real_model_gguf
+    from tests.tinymodels import real_model_gguf_or_skip
 
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real embedded model is not installed")
+    path = real_model_gguf_or_skip()
     tokenizer = Tokenizer.from_gguf(path)
     result = pack([Path(__file__).resolve().parents[1]], options=PackOptions(format=fmt), tokenizer=tokenizer)
     assert result.total_tokens == tokenizer.count(result.text)
