@@ -18,7 +18,7 @@ import torch
 
 import engine
 from engine.events import SamplingParams
-from tests.tinymodels import real_model_gguf
+from tests.tinymodels import real_model_gguf_or_skip
 
 pytestmark = pytest.mark.model
 
@@ -29,10 +29,7 @@ BAR = 0.95
 def real_mini_gguf() -> Path:
     """$DSV4_TEST_GGUF, else models/mini/*.gguf in the real home (DSV4_HOME as set before
     pytest started, or the platform's data directory); skips when absent."""
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real mini model is not installed (dsv4 pull mini, or set DSV4_TEST_GGUF)")
-    return path
+    return real_model_gguf_or_skip()
 
 
 @pytest.fixture(scope="module")
