@@ -20,7 +20,7 @@ from engine.detokenizer import StreamingDetokenizer
 from engine.errors import ModelFormatError
 from engine.gguf_file import GGUFFile
 from engine.tokenizer import DEEPSEEK_V3_STAGES, Tokenizer, clear_memo
-from tests.tinymodels import CONTROL_TOKENS, write_tiny_hf_tokenizer, IM_END_ID, IM_START_ID, MISSING_BYTES, real_model_gguf, tiny_vocab, tiny_vocab_text, write_tiny_llama_gguf
+from tests.tinymodels import CONTROL_TOKENS, write_tiny_hf_tokenizer, IM_END_ID, IM_START_ID, MISSING_BYTES, real_model_gguf_or_skip, tiny_vocab, tiny_vocab_text, write_tiny_llama_gguf
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LLAMACPP_TEXTWRAP = Path("/work/shared/data/mini-llamacpp-textwrap.json")
@@ -348,10 +348,7 @@ def test_vocabulary_whose_ids_do_not_follow_merge_order_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_path() -> Path:
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real SmolLM2 GGUF is not installed")
-    return path
+    return real_model_gguf_or_skip()
 
 
 @pytest.mark.model
