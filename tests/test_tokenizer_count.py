@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.tokenizer import Tokenizer
-from tests.tinymodels import real_model_gguf, write_tiny_llama_gguf
+from tests.tinymodels import real_model_gguf_or_skip, write_tiny_llama_gguf
 
 _PIECES = ["def", " x", "\n", "\n\n", "  ", "\t", "é", "中文", "😀", "\U00041234", "\U000b0000", "\x04", "\x1d",
            "\x00", "\x7f", "<|im_end|>", "<|endoftext|>", "'s", "123", " 4", "\ufffd", "\u0085", "`", "</file>"]
@@ -58,9 +58,7 @@ def test_count_is_the_length_of_encode(tiny, missing):
 
 @pytest.mark.model
 def test_count_is_the_length_of_encode_with_the_real_vocabulary():
-    path = real_model_gguf()
-    if path is None:
-        pytest.skip("the real embedded model is not installed")
+    path = real_model_gguf_or_skip()
     tokenizer = Tokenizer.from_gguf(path)
     assert tokenizer._missing_ascii      # SmolLM2 lacks some control bytes: both paths are used
     texts = _texts("real", 400) + [Path(__file__).read_text(encoding="utf-8")]
