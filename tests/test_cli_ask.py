@@ -24,22 +24,10 @@ from engine import paths, store
 from engine.errors import FetchError
 from engine.events import Done, PrefillProgress, TextDelta, Timings, Usage
 from tests.fake_engine import FakeModel, tiny_tokenizer
-from tests.tinymodels import real_model_gguf, write_tiny_llama_gguf
+from tests.stdins import PipedStdin, TerminalStdin
+from tests.tinymodels import real_model_gguf_or_skip, write_tiny_llama_gguf
 
 QUESTION = "What does greet return?"
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
-
-
-class TerminalStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-    def read(self, *args: object) -> str:
-        raise AssertionError("a terminal stdin must never be read")
 
 
 @pytest.fixture(scope="session")
@@ -447,9 +435,7 @@ def test_end_to_end_with_a_tiny_real_gguf(tmp_path, repo, dsv4_home):
 
 
 def _install_real_mini(home: Path) -> None:
-    real = real_model_gguf()
-    if real is None:
-        pytest.skip("the real mini GGUF is not installed (dsv4 pull mini, or set DSV4_TEST_GGUF)")
+    real = real_model_gguf_or_skip()
     target = home / "models" / "mini" / real.name
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
