@@ -4,7 +4,6 @@ tiny real GGUF whose second turn reuses the first turn's cached prefix."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
@@ -15,11 +14,7 @@ from dsv4cli.commands import ask as ask_command
 from dsv4cli.commands import chat as chat_command
 from dsv4cli.logs import LogStore
 from tests.fake_engine import FakeModel, tiny_tokenizer
-
-
-class PipedStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return False
+from tests.stdins import PipedStdin
 
 
 @pytest.fixture(scope="session")
