@@ -4,7 +4,6 @@ values reaching real commands as their defaults."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -18,11 +17,8 @@ from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
 from dsv4cli.errors import CliError
 from tests.fake_engine import FakeModel, tiny_tokenizer
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+from tests.gitrepos import git
+from tests.stdins import PipedStdin, TerminalStdin
 
 
 @pytest.fixture
@@ -161,7 +157,7 @@ def test_configured_values_become_command_defaults(project, monkeypatch, tmp_pat
         return name, model
 
     monkeypatch.setattr(ask_command, "_open_model", open_model)
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     _user('model = "flash"\nmax_tokens = 9\n')
     (project / ".dsv4.toml").write_text("temperature = 0.25\n")
     assert main(["ask", "hello"]) == 0
@@ -203,17 +199,6 @@ def test_color_setting_sets_no_color_unless_the_user_chose(project, monkeypatch)
 # ---------------------------------------------------------------- `exclude` in every pack
 
 
-class _Piped(io.StringIO):
-    def isatty(self) -> bool:
-        return False
-
-
-def _git(root: Path, *args: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
-    subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
-
-
 @pytest.fixture
 def excluding_repo(tmp_path, monkeypatch, fake_model) -> Path:
     """A real git repository with a `build/` directory and a secret, cwd at its root."""
@@ -222,9 +207,9 @@ def excluding_repo(tmp_path, monkeypatch, fake_model) -> Path:
     (root / "app.py").write_text("def app():\n    return 'APP_BODY'\n")
     (root / "build" / "gen.py").write_text("GENERATED_BODY = 1\n")
     (root / "notes.secret").write_text("SECRET_BODY\n")
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "init")
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
     monkeypatch.chdir(root)
     for name in ("DSV4_EXCLUDE", "DSV4_REVIEW_FAIL_ON", "DSV4_REVIEW_TIMEOUT", "DSV4_NO_LOG"):
         monkeypatch.delenv(name, raising=False)
@@ -250,7 +235,7 @@ def _configure_excludes(root: Path, where: str, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("where", ["user", "project", "env"])
 def test_configured_excludes_reach_the_pack_ask_builds(excluding_repo, fake_model, monkeypatch, where):
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     _configure_excludes(excluding_repo, where, monkeypatch)
     assert main(["ask", "--no-log", ".", "what is here?"]) == 0
     prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
@@ -259,7 +244,7 @@ def test_configured_excludes_reach_the_pack_ask_builds(excluding_repo, fake_mode
 
 
 def test_user_file_excludes_alone_reach_ask(excluding_repo, fake_model, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     _user('exclude = ["*.secret"]\n')
     assert main(["ask", "--no-log", ".", "q"]) == 0
     prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
@@ -268,7 +253,7 @@ def test_user_file_excludes_alone_reach_ask(excluding_repo, fake_model, monkeypa
 
 def test_configured_excludes_reach_the_pack_chat_builds(excluding_repo, fake_model, monkeypatch):
     (excluding_repo / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
-    monkeypatch.setattr(sys, "stdin", _Piped("what is here?\n"))
+    monkeypatch.setattr(sys, "stdin", PipedStdin("what is here?\n"))
     assert main(["chat", "--no-log", "."]) == 0
     prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "APP_BODY" in prompt and "GENERATED_BODY" not in prompt and "SECRET_BODY" not in prompt
@@ -277,7 +262,7 @@ def test_configured_excludes_reach_the_pack_chat_builds(excluding_repo, fake_mod
 def test_configured_excludes_reach_the_pack_review_builds(excluding_repo, fake_model, monkeypatch):
     (excluding_repo / ".dsv4.toml").write_text('exclude = ["build/", "*.secret"]\n')
     (excluding_repo / "app.py").write_text("def app():\n    return 'CHANGED'\n")
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     assert main(["review"]) == 0
     prompt = "\n\n".join(m["content"] for m in fake_model.calls[-1].messages if m["role"] == "user")
     assert "APP_BODY" in prompt or "CHANGED" in prompt
