@@ -4,7 +4,6 @@ stderr is coloured only on a terminal or when FORCE_COLOR asks, never with NO_CO
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pty
@@ -19,6 +18,7 @@ from dsv4cli.app import main
 from dsv4cli.commands import ask as ask_command
 from engine import paths
 from tests.fake_engine import FakeModel, tiny_tokenizer
+from tests.stdins import TerminalStdin
 from tests.tinymodels import write_tiny_llama_gguf
 
 ESCAPE = "\x1b["
@@ -125,16 +125,11 @@ def test_pack_into_a_closed_pipe_is_quiet(repo, tiny_gguf):
 # ---------------------------------------------------------------- --json everywhere
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     model = FakeModel(tiny_tokenizer(tmp_path), answer=["src/app.py:2: warning: returns a constant\n"])
     monkeypatch.setattr(ask_command, "_open_model", lambda name: (name, model))
-    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdin", TerminalStdin())
     return model
 
 
