@@ -4,7 +4,6 @@ GGUF through the real engine, with the cache in the test's own DSV4_HOME."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,14 +14,10 @@ import pytest
 
 from dsv4cli.app import main
 from engine import prefix_cache
+from tests.stdins import TerminalStdin
 from tests.tinymodels import tiny_vocab_text, write_tiny_llama_gguf
 
 QUESTION = "What does fibonacci return?"
-
-
-class TerminalStdin(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.fixture(autouse=True)
