@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+# tinymodels captures the real home (where `dsv4 pull mini` put the model) at import: import it
+# before any test points DSV4_HOME at a temporary directory, whichever test imports it first.
+import tests.tinymodels  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def dsv4_home(tmp_path_factory, monkeypatch):
