@@ -9,6 +9,16 @@ import pytest
 import tests.tinymodels  # noqa: F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_dsv4_home(tmp_path_factory):
+    """Module- and session-scoped fixtures (a model loaded once per file) are set up before the
+    per-test home below: without this they would write caches into the user's real home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("dsv4-session-home")))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def dsv4_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("dsv4-home")
