@@ -26,7 +26,7 @@ _dsv4_options() {
         'cache stats') echo '--json --help -h' ;;
         'cache verify') echo '--keep --help -h' ;;
         'cache prune') echo '--older-than --cap --help -h' ;;
-        'cache clear') echo '--help -h' ;;
+        'cache clear') echo '--weights --help -h' ;;
         'config') echo '--help -h' ;;
         'config path') echo '--project --help -h' ;;
         'config show') echo '--json --help -h' ;;

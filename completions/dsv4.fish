@@ -159,7 +159,7 @@ complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'ls' -d 'List cached segments: mode
 complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'stats' -d 'Totals: segments, tokens, real disk usage against the cap, free disk'
 complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'verify' -d 'Read every segment and check its checksum; damaged ones are removed (exit 1 if any)'
 complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'prune' -d 'Remove old segments, then evict least recently used ones down to the cap'
-complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'clear' -d 'Remove every cached segment'
+complete -c dsv4 -n '__dsv4_at \'cache\'' -a 'clear' -d 'Remove every cached segment (and with --weights the prepared weights)'
 complete -c dsv4 -n '__dsv4_at \'cache\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'cache ls\'' -f
 complete -c dsv4 -n '__dsv4_at \'cache ls\'' -l json -d 'Print a JSON array'
@@ -175,6 +175,7 @@ complete -c dsv4 -n '__dsv4_at \'cache prune\'' -l older-than -r -d 'Remove segm
 complete -c dsv4 -n '__dsv4_at \'cache prune\'' -l cap -r -d 'Evict least recently used segments down to SIZE (default: the cap in force)'
 complete -c dsv4 -n '__dsv4_at \'cache prune\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'cache clear\'' -f
+complete -c dsv4 -n '__dsv4_at \'cache clear\'' -l weights -d 'Also remove the prepared weights (converted model files; the next load rebuilds them)'
 complete -c dsv4 -n '__dsv4_at \'cache clear\'' -l help -s h -d 'Show this message and exit'
 complete -c dsv4 -n '__dsv4_at \'config\'' -f
 complete -c dsv4 -n '__dsv4_at \'config\'' -a 'path' -d 'Print the path of the user settings file (it need not exist yet)'

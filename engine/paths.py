@@ -28,6 +28,16 @@ def cache_dir() -> Path:
     return home_dir() / "cache"
 
 
+def weights_cache_dir() -> Path:
+    """Prepared (converted) weights, rebuilt from the model files whenever missing."""
+    return cache_dir() / "weights"
+
+
+def weights_cache_files() -> list[Path]:
+    directory = weights_cache_dir()
+    return sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+
+
 def config_dir() -> Path:
     return home_dir() / "config"
 

@@ -35,7 +35,7 @@ _SUFFIX = ".safetensors"
 
 
 def cache_root() -> Path:
-    return paths.cache_dir() / "weights"
+    return paths.weights_cache_dir()
 
 
 def gguf_identity(path: Path) -> str:

@@ -166,6 +166,25 @@ def test_cache_commands(capsys, model_path, repo):
     assert code == 0 and out.startswith("removed ") and not prefix_cache.segment_paths()
 
 
+def test_cache_stats_shows_and_clear_weights_removes_the_prepared_weights(capsys, model_path, repo):
+    from engine import paths
+
+    ask_json(capsys, model_path, repo)  # loading converts the tiny GGUF once and keeps the result
+    weight_files = paths.weights_cache_files()
+    assert weight_files
+    stats = json.loads(cache_cmd(capsys, "stats", "--json")[1])["weights"]
+    assert stats["files"] == len(weight_files) and stats["disk_bytes"] == sum(f.stat().st_size for f in weight_files)
+    assert "prepared file(s)" in cache_cmd(capsys, "stats")[1]
+
+    code, out, _ = cache_cmd(capsys, "clear")  # segments only
+    assert code == 0 and paths.weights_cache_files() == weight_files
+    code, out, _ = cache_cmd(capsys, "clear", "--weights")
+    assert code == 0 and f"removed {len(weight_files)} prepared weight file(s)" in out
+    assert not paths.weights_cache_files() and not prefix_cache.segment_paths()
+    assert ask_json(capsys, model_path, repo)["answer"] is not None  # the next load rebuilds them
+    assert paths.weights_cache_files()
+
+
 def test_cache_prune_rejects_a_bad_age(capsys):
     code, out, err = cache_cmd(capsys, "prune", "--older-than", "soon")
     assert code == 2 and "cannot read 'soon' as an age" in err

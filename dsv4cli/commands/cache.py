@@ -28,6 +28,13 @@ def _size(text: str | None, option: str) -> int | None:
         raise CliError(f"{option}: {exc}", "see 'dsv4 cache --help'", exit_code=EXIT_USAGE) from None
 
 
+def _file_size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _age(seconds: float) -> str:
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
@@ -83,6 +90,9 @@ def register(app: typer.Typer) -> None:
             entry["segments"] += 1
             entry["tokens"] += max(0, s.end - s.start)
             entry["disk_bytes"] += s.disk_bytes
+        from engine import paths
+
+        weight_files = paths.weights_cache_files()
         payload = {
             "path": str(root),
             "segments": len(segments),
@@ -91,6 +101,11 @@ def register(app: typer.Typer) -> None:
             "cap_bytes": prefix_cache.resolve_cap(None, root),
             "disk_free_bytes": shutil.disk_usage(probe).free,
             "models": per_model,
+            "weights": {
+                "path": str(paths.weights_cache_dir()),
+                "files": len(weight_files),
+                "disk_bytes": sum(_file_size(f) for f in weight_files),
+            },
         }
         if json_output:
             print(json.dumps(payload, indent=2), flush=True)
@@ -105,6 +120,11 @@ def register(app: typer.Typer) -> None:
             f"  {model}: {e['segments']:,} segment(s), {e['tokens']:,} tokens, {render.human_bytes(e['disk_bytes'])}"
             for model, e in sorted(per_model.items())
         ]
+        weights = payload["weights"]
+        lines.append(
+            f"weights   {weights['files']:,} prepared file(s), {render.human_bytes(weights['disk_bytes'])}"
+            f" in {weights['path']} (rebuilt at the next load; 'dsv4 cache clear --weights')"
+        )
         print("\n".join(lines), flush=True)
 
     @cache_app.command("verify")
@@ -141,12 +161,30 @@ def register(app: typer.Typer) -> None:
         print(f"removed {len(removed)} segment(s), freed {render.human_bytes(freed)}", flush=True)
 
     @cache_app.command("clear")
-    def clear() -> None:
-        """Remove every cached segment."""
-        from engine import prefix_cache
+    def clear(
+        weights: bool = typer.Option(
+            False, "--weights", help="Also remove the prepared weights (converted model files; the next load rebuilds them)."
+        ),
+    ) -> None:
+        """Remove every cached segment (and with --weights the prepared weights)."""
+        from engine import paths, prefix_cache
 
         before = prefix_cache.total_usage()
         count = prefix_cache.clear()
-        print(f"removed {count} segment(s), freed {render.human_bytes(before)}", flush=True)
+        message = f"removed {count} segment(s), freed {render.human_bytes(before)}"
+        if weights:
+            removed, freed = 0, 0
+            for path in paths.weights_cache_files():
+                size = _file_size(path)
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    render.note(f"could not remove {path}: {exc.strerror}")
+                    continue
+                removed, freed = removed + 1, freed + size
+            message += f"; removed {removed} prepared weight file(s), freed {render.human_bytes(freed)}"
+        print(message, flush=True)
 
     app.add_typer(cache_app, name="cache")
