@@ -38,6 +38,28 @@ PACK_FORMATS = ("xml", "markdown", "plain")
 DEFAULT_PACK_FORMAT = "plain"
 PACK_FORMAT_METAVAR = "|".join(PACK_FORMATS)
 FORMAT_HELP = "Layout of the pack."
+
+
+# Options ask, chat and review share: one declaration each, so names and help never drift apart.
+def format_option() -> Any:
+    return typer.Option(DEFAULT_PACK_FORMAT, "--format", metavar=PACK_FORMAT_METAVAR, help=FORMAT_HELP)
+
+
+def no_cache_option() -> Any:
+    return typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache.")
+
+
+def cache_ro_option() -> Any:
+    return typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing.")
+
+
+def backend_option(purpose: str) -> Any:
+    """`purpose` completes "OpenAI-compatible server to ... instead", e.g. "chat with"."""
+    return typer.Option(
+        None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
+        help=f"OpenAI-compatible server to {purpose} instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
+             "'local' forces the embedded engine over a configured URL.",
+    )
 # Tokens kept free besides the counted template: BPE may merge across the pack/question join.
 _JOIN_SLACK_TOKENS = 8
 # Small models loop without a penalty (embedded-model.md); bigger ones are hurt by one.
@@ -116,20 +138,16 @@ def register(app: typer.Typer) -> None:
             None, "--repetition-penalty", min=1.0, help="1 = off; default 1.1 for mini, 1 otherwise."
         ),
         seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
-        pack_format: str = typer.Option(DEFAULT_PACK_FORMAT, "--format", metavar=PACK_FORMAT_METAVAR, help=FORMAT_HELP),
+        pack_format: str = format_option(),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, usage, timings)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Usage, timings and the prefix cache report on stderr."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
-        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
+        no_cache: bool = no_cache_option(),
+        cache_ro: bool = cache_ro_option(),
         cache_cap: str = typer.Option(
             None, "--cache-cap", metavar="SIZE", help="Prefix cache size cap, e.g. 5G (default $DSV4_CACHE_CAP, else min(20 GB, 10% of the disk))."
         ),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this exchange out of the conversation log (dsv4 logs)."),
-        backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
-            help="OpenAI-compatible server to ask instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
-                 "'local' forces the embedded engine over a configured URL.",
-        ),
+        backend: str = backend_option("ask"),
         think: bool = typer.Option(False, "--think", help="flash/pro or a served reasoning model: show the model's reasoning, dimmed on stderr, apart from the answer."),
     ) -> None:
         """Ask a model a question, about files or piped text when given.

@@ -122,18 +122,14 @@ def register(app: typer.Typer) -> None:
         system: str = typer.Option(None, "--system", "-s", help="System prompt ('' for the model's own default)."),
         max_tokens: int = typer.Option(ask_command.DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Longest answer per turn, in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
-        pack_format: str = typer.Option(ask_command.DEFAULT_PACK_FORMAT, "--format", metavar=ask_command.PACK_FORMAT_METAVAR, help=ask_command.FORMAT_HELP),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
-        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
+        pack_format: str = ask_command.format_option(),
+        no_cache: bool = ask_command.no_cache_option(),
+        cache_ro: bool = ask_command.cache_ro_option(),
         resume_latest: bool = typer.Option(False, "--continue", "-c", help="Resume the latest conversation."),
         cid: str = typer.Option(None, "--cid", metavar="ID", help="Resume this conversation (an id from 'dsv4 logs', or a unique prefix)."),
         no_log: bool = typer.Option(False, "--no-log", help="Keep this conversation out of the log."),
         think: bool = typer.Option(False, "--think", help="flash/pro or a served reasoning model: show the model's reasoning, dimmed, apart from the answer."),
-        backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
-            help="OpenAI-compatible server to chat with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
-                 "'local' forces the embedded engine over a configured URL.",
-        ),
+        backend: str = ask_command.backend_option("chat with"),
     ) -> int:
         """Talk with a model about files: the SOURCEs are packed once, each turn reuses the cached prefix.
 

@@ -222,16 +222,12 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(ask_command.DEFAULT_MODEL, "--model", "-m", envvar="DSV4_MODEL",
                                   help="Alias (mini, flash, pro) or path."),
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest review, in tokens."),
-        pack_format: str = typer.Option(ask_command.DEFAULT_PACK_FORMAT, "--format", metavar=ask_command.PACK_FORMAT_METAVAR, help=ask_command.FORMAT_HELP),
+        pack_format: str = ask_command.format_option(),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object (findings, usage)."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not keep this review in the conversation log."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prefix KV cache."),
-        cache_ro: bool = typer.Option(False, "--cache-ro", help="Reuse cached prefixes but write, evict or remove nothing."),
-        backend: str = typer.Option(
-            None, "--backend", envvar="DSV4_BACKEND", metavar="URL|local",
-            help="OpenAI-compatible server to review with instead (vLLM, SGLang, dsv4 serve), e.g. http://127.0.0.1:8000/v1; "
-                 "'local' forces the embedded engine over a configured URL.",
-        ),
+        no_cache: bool = ask_command.no_cache_option(),
+        cache_ro: bool = ask_command.cache_ro_option(),
+        backend: str = ask_command.backend_option("review with"),
     ) -> None:
         """Review a diff (uncommitted changes by default) with the repository as context.
 
